@@ -1,0 +1,61 @@
+"""`align <command> ...`: the single entry point.
+
+Commands are the modules of `align.commands` (a module or a package of subcommands). Each defines `HELP`, a one-line
+description, and `main(argv) -> int | None`, and parses its own arguments, so a command's options live next to its
+code and heavy libraries are imported only by the command that runs. Also runnable as `python -m align.cli` (which
+is what `accelerate launch -m align.cli ...` uses).
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from types import ModuleType
+
+
+def discover(package: str) -> dict[str, ModuleType]:
+    """Subcommand name -> module, for every public module in `package` (sorted by name)."""
+    root = importlib.import_module(package)
+    commands = {}
+    for info in sorted(pkgutil.iter_modules(root.__path__), key=lambda info: info.name):
+        if not info.name.startswith("_"):
+            commands[info.name.replace("_", "-")] = importlib.import_module(f"{package}.{info.name}")
+    return commands
+
+
+def usage(prog: str, package: str, commands: dict[str, ModuleType]) -> str:
+    width = max(map(len, commands), default=0)
+    lines = [f"usage: {prog} <command> [options]", "", "commands:"]
+    lines += [f"  {name.ljust(width)}  {getattr(module, 'HELP', '')}" for name, module in commands.items()]
+    lines += ["", f"Run '{prog} <command> --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def dispatch(prog: str, package: str, argv: list[str]) -> int:
+    """Run the subcommand named by argv[0] among the modules of `package`."""
+    commands = discover(package)
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage(prog, package, commands))
+        return 0
+    name, rest = argv[0], argv[1:]
+    module = commands.get(name) or commands.get(name.replace("_", "-"))
+    if module is None:
+        print(f"{prog}: unknown command {name!r}\n\n{usage(prog, package, commands)}", file=sys.stderr)
+        return 2
+    result = module.main(rest)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in {"--version", "-V"}:
+        from align import __version__
+
+        print(f"align {__version__}")
+        return 0
+    return dispatch("align", "align.commands", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module (or package of subcommands) per `align` command; see `align.cli`."""

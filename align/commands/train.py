@@ -1,0 +1,180 @@
+"""`align train <method> --config recipe.yaml [--key value ...]`: one training script for every method.
+
+The flow of a run is one line: recipe YAML -> `TrlParser` (DataArguments, the method's config, AlignModelConfig)
+-> problems -> the method's dataset format -> trainer -> checkpoints -> final model/adapter in `output_dir`.
+A run whose `output_dir` already holds checkpoints resumes from the last one instead of starting over.
+Runs under `accelerate launch -m align.cli train ...` as well (one process per device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+HELP = "Train with a recipe: align train <method> --config recipes/<model>/<method>.yaml"
+
+logger = logging.getLogger("align.train")
+
+
+@dataclass(frozen=True)
+class Method:
+    """Where a method's config and trainer live and which dataset format it trains on."""
+
+    config: str  # "module:Class"
+    trainer: str  # "module:Class"
+    dataset_kind: str | Callable  # a kind of `align.data.training`, or a function of the trainer config
+    description: str
+
+
+METHODS: dict[str, Method] = {
+    "sft": Method("trl:SFTConfig", "trl:SFTTrainer", "sft", "cross-entropy fine-tuning (TRL SFTTrainer)"),
+}
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _usage() -> str:
+    width = max(map(len, METHODS))
+    rows = "\n".join(f"  {name.ljust(width)}  {method.description}" for name, method in METHODS.items())
+    return (
+        "usage: align train <method> --config RECIPE.yaml [--dry_run] [--any_config_field VALUE ...]\n\n"
+        f"methods:\n{rows}\n\nFields come from the recipe; command-line flags override them."
+    )
+
+
+def build_parser(method: Method):
+    from trl import TrlParser
+
+    from align.configs import AlignModelConfig, DataArguments
+
+    return TrlParser((DataArguments, _load(method.config), AlignModelConfig))
+
+
+def dataset_kind_for(method: Method, training_args) -> str:
+    kind = method.dataset_kind
+    return kind(training_args) if callable(kind) else kind
+
+
+def build_datasets(kind: str, data_args, seed: int):
+    """Train (and optional eval) `datasets.Dataset` in the trainer's format for `kind`."""
+    from datasets import Dataset
+
+    from align.data.loaders import is_local_file, load_problems, read_local_rows
+    from align.data.training import is_trainer_format, rows_for_kind
+
+    def rows_for(split: str, limit: int | None) -> list[dict]:
+        if is_local_file(data_args.dataset_name):
+            rows = read_local_rows(data_args.dataset_name)
+            if rows and is_trainer_format(rows[0].keys(), kind):
+                return rows[:limit] if limit is not None else rows
+        if data_args.dataset_name == "synthetic" and limit is None:
+            limit = (
+                data_args.synthetic_num_train
+                if split == data_args.dataset_train_split
+                else data_args.synthetic_num_eval
+            )
+        loaded = load_problems(
+            data_args.dataset_name,
+            split,
+            limit=limit,
+            skip_invalid=data_args.skip_invalid,
+            synthetic_levels=data_args.synthetic_levels,
+            synthetic_seed=data_args.synthetic_seed,
+        )
+        if loaded.skipped:
+            logger.warning(
+                "skipped %d invalid rows of %s (first: %s)", loaded.skipped, loaded.source, loaded.skipped_reasons[0]
+            )
+        return rows_for_kind(kind, loaded.problems, data_args, seed=seed)
+
+    train_rows = rows_for(data_args.dataset_train_split, data_args.max_train_samples)
+    if not train_rows:
+        raise ValueError(f"The training set {data_args.dataset_name!r} is empty after loading; nothing to train on.")
+    eval_dataset = None
+    if data_args.dataset_test_split:
+        eval_dataset = Dataset.from_list(rows_for(data_args.dataset_test_split, data_args.max_eval_samples))
+    return Dataset.from_list(train_rows), eval_dataset
+
+
+def model_init_kwargs(model_args) -> dict:
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def run(method_name: str, data_args, training_args, model_args):
+    """Build everything from parsed configs, train (resuming if possible), save; returns the trainer."""
+    from trl import get_peft_config
+
+    from align.models import load_tokenizer, resolve_model_path
+
+    method = METHODS[method_name]
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path)
+    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
+    kind = dataset_kind_for(method, training_args)
+    train_dataset, eval_dataset = build_datasets(kind, data_args, seed=training_args.seed)
+    trainer_cls = _load(method.trainer)
+    trainer = trainer_cls(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    if resume:
+        logger.warning("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: closes trackers and the process group
+        trainer.end()
+    return trainer
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(_usage())
+        return 0
+    method_name, rest = argv[0].replace("-", "_"), argv[1:]
+    if method_name not in METHODS:
+        print(f"align train: unknown method {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dry_run", "--dry-run", action="store_true")
+    known, rest = pre.parse_known_args(rest)
+    parser = build_parser(METHODS[method_name])
+    try:
+        data_args, training_args, model_args = parser.parse_args_and_config(rest)
+    except ValueError as error:
+        if "bf16/gpu" in str(error):  # TRL configs default to bf16=True, which transformers refuses without a GPU
+            raise SystemExit(
+                "align train: this machine has no GPU but the recipe trains in bf16 (TRL's default). Set "
+                "`bf16: false` and `use_cpu: true` in the recipe, or pass `--bf16 false --use_cpu true`."
+            ) from error
+        raise
+    if known.dry_run:
+        print(f"method: {method_name}\n{data_args}\n{training_args}\n{model_args}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run(method_name, data_args, training_args, model_args)
+    return 0

@@ -1,0 +1,79 @@
+"""The `align` entry point: command discovery, `align env`, recipe parsing."""
+
+import subprocess
+import sys
+
+from align.cli import main
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "env" in out and "train" in out
+
+
+def test_unknown_command_fails(capsys):
+    assert main(["no-such-command"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_env_prints_resolved_versions():
+    import torch
+    import transformers
+    import trl
+
+    proc = subprocess.run([sys.executable, "-m", "align.cli", "env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name, version in [
+        ("torch", torch.__version__),
+        ("transformers", transformers.__version__),
+        ("trl", trl.__version__),
+    ]:
+        assert f"{name}" in proc.stdout and version in proc.stdout
+    assert "default model" in proc.stdout
+
+
+def test_train_rejects_unknown_recipe_keys(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("output_dir: x\nbf16: false\nuse_cpu: true\nnot_a_real_field: 3\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe), "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "not_a_real_field" in proc.stderr
+
+
+def test_train_sft_end_to_end_on_tiny_model(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    recipe = tmp_path / "sft.yaml"
+    recipe.write_text(f"""
+model_name_or_path: {tiny_model_dir}
+dataset_name: synthetic
+synthetic_num_train: 8
+output_dir: {out}
+max_steps: 2
+per_device_train_batch_size: 2
+learning_rate: 1.0e-3
+max_length: 256
+bf16: false
+use_cpu: true
+gradient_checkpointing: false
+report_to: none
+save_strategy: "no"
+""")
+    assert main(["train", "sft", "--config", str(recipe)]) == 0
+    assert (out / "model.safetensors").exists() and (out / "tokenizer_config.json").exists()
+
+
+def test_train_explains_bf16_on_cpu(tmp_path):
+    recipe = tmp_path / "gpu.yaml"
+    recipe.write_text("output_dir: x\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe), "--dry_run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "bf16: false" in proc.stderr
