@@ -46,8 +46,12 @@ def _usage() -> str:
     width = max(map(len, METHODS))
     rows = "\n".join(f"  {name.ljust(width)}  {method.description}" for name, method in METHODS.items())
     return (
-        "usage: align train <method> --config RECIPE.yaml [--dry_run] [--any_config_field VALUE ...]\n\n"
-        f"methods:\n{rows}\n\nFields come from the recipe; command-line flags override them."
+        "usage: align train <method> --config RECIPE.yaml [--dry_run] [--any_config_field VALUE ...]\n"
+        "                   [--accelerate-config NAME|PATH [--num-processes N] [--num-machines M] [--machine-rank R]\n"
+        "                    [--main-process-ip IP] [--main-process-port PORT]]\n\n"
+        f"methods:\n{rows}\n\nFields come from the recipe; command-line flags override them. With\n"
+        "--accelerate-config, align starts `accelerate launch` itself with a config from accelerate_configs/\n"
+        "(e.g. zero3, cpu_ddp)."
     )
 
 
@@ -122,6 +126,7 @@ def run(method_name: str, data_args, training_args, model_args):
     """Build everything from parsed configs, train (resuming if possible), save; returns the trainer."""
     from trl import get_peft_config
 
+    from align.distributed import DistributedSanityCallback
     from align.models import load_tokenizer, resolve_model_path
 
     method = METHODS[method_name]
@@ -139,6 +144,7 @@ def run(method_name: str, data_args, training_args, model_args):
         processing_class=tokenizer,
         peft_config=get_peft_config(model_args),
     )
+    trainer.add_callback(DistributedSanityCallback(trainer))
     resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
     if resume:
         logger.warning("resuming from %s", resume)
@@ -146,6 +152,8 @@ def run(method_name: str, data_args, training_args, model_args):
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(training_args.output_dir)
+        # The Trainer writes its state (loss history) only inside checkpoints; keep the final one with the model.
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
     if hasattr(trainer, "end"):  # transformers >= 5.18: closes trackers and the process group
         trainer.end()
     return trainer
@@ -161,7 +169,18 @@ def main(argv: list[str]) -> int:
         return 2
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--dry_run", "--dry-run", action="store_true")
+    for flag in (
+        "accelerate-config",
+        "num-processes",
+        "num-machines",
+        "machine-rank",
+        "main-process-ip",
+        "main-process-port",
+    ):
+        pre.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"))
     known, rest = pre.parse_known_args(rest)
+    if known.accelerate_config:
+        return launch(method_name, rest, known)
     parser = build_parser(METHODS[method_name])
     try:
         data_args, training_args, model_args = parser.parse_args_and_config(rest)
@@ -178,3 +197,29 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run(method_name, data_args, training_args, model_args)
     return 0
+
+
+def launch(method_name: str, rest: list[str], known) -> int:
+    """Re-run this command under `accelerate launch` with a named config (like `trl sft --accelerate_config`)."""
+    import subprocess
+
+    from align.distributed import EXPECTED_PROCESSES_ENV, format_command, launch_command
+
+    if known.accelerate_config.removesuffix(".yaml").startswith("cpu_") and "--use_cpu" not in rest:
+        # The CPU configs select accelerate's multi-process launcher; the Trainer must also be told to use the CPU,
+        # otherwise every process trains alone (platform.md section 1).
+        rest = [*rest, "--use_cpu", "true"]
+    command = launch_command(
+        known.accelerate_config,
+        ["train", method_name, *rest],
+        num_processes=known.num_processes,
+        num_machines=known.num_machines,
+        machine_rank=known.machine_rank,
+        main_process_ip=known.main_process_ip,
+        main_process_port=known.main_process_port,
+    )
+    env = dict(os.environ)
+    if known.num_processes is not None:
+        env[EXPECTED_PROCESSES_ENV] = str(int(known.num_processes))  # accelerate's count is over all machines
+    print(f"align train: {format_command(command)}", file=sys.stderr, flush=True)
+    return subprocess.run(command, env=env).returncode
