@@ -1,0 +1,260 @@
+"""Margin-based preference losses, their gradient coefficients, and the first-order gradient-entanglement algebra.
+
+Every loss here depends on the policy through the two sequence log-probabilities log π(y_w|x) and log π(y_l|x)
+(summed over response tokens). Its gradient with respect to the parameters therefore always has the form
+
+    −∇θ ℓ = d_w ∇θ log π_w − d_l ∇θ log π_l,   d_w = −∂ℓ/∂log π_w,   d_l = ∂ℓ/∂log π_l,
+
+and each loss returns (d_w, d_l) per pair in closed form next to the loss. Yuan et al., "A Common Pitfall of
+Margin-based Language Model Alignment: Gradient Entanglement" (ICLR 2025, arXiv 2410.13828) show that one gradient
+step then changes the log-probs, to first order in the step size η, by
+
+    Δ log π_w ≈ η (d_w ‖g_w‖² − d_l ⟨g_w, g_l⟩),   Δ log π_l ≈ η (d_w ⟨g_w, g_l⟩ − d_l ‖g_l‖²),
+
+with g = ∇θ log π. So the chosen log-prob rises only while ⟨g_w, g_l⟩ < (d_w/d_l) ‖g_w‖², and the rejected one falls
+only while ⟨g_w, g_l⟩ < (d_l/d_w) ‖g_l‖²; outside that regime both move together ("entanglement").
+
+Pure tensor functions: no model, no trainer. Inputs are 1-D tensors over pairs; lengths are completion token counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+
+MARGIN_LOSSES = ("dpo", "ipo", "slic", "simpo", "r_dpo", "dpop", "cpo")
+# Losses that never read the reference model's log-probs.
+REFERENCE_FREE_LOSSES = frozenset({"simpo", "cpo"})
+# Losses that are a function of one margin u only (ℓ = f(u)); they define the pairwise normalized update below.
+# DPOP and CPO add a term on the chosen response alone, so they have no single pair weight.
+PURE_MARGIN_LOSSES = frozenset({"dpo", "ipo", "slic", "simpo", "r_dpo"})
+
+
+class MarginLossTerms(NamedTuple):
+    """Per-pair loss and its gradient coefficients.
+
+    `d_chosen` = −∂ℓ/∂log π_w and `d_rejected` = ∂ℓ/∂log π_l (detached). `pair_weight` is c = −∂ℓ/∂u, the derivative
+    with respect to the loss's margin u in log-prob units (after its own length normalization), i.e. the weight of
+    the pairwise normalized update c·(g_w/‖g_w‖ − g_l/‖g_l‖); `None` for losses that are not a function of one margin.
+    """
+
+    loss: torch.Tensor
+    d_chosen: torch.Tensor
+    d_rejected: torch.Tensor
+    pair_weight: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class MarginHyperparameters:
+    """β and the per-loss constants: SimPO's target margin γ, R-DPO's length weight α, DPOP's λ, CPO's NLL weight."""
+
+    beta: float = 0.1
+    simpo_gamma: float = 0.5
+    rdpo_alpha: float = 0.2
+    dpop_lambda: float = 50.0
+    cpo_alpha: float = 1.0
+
+
+def _lengths(lengths: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    # An empty completion (possible after truncation) would divide by zero; TRL clamps the same way.
+    return lengths.to(like.dtype).clamp(min=1.0)
+
+
+def dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> MarginLossTerms:
+    """DPO (Rafailov et al. 2023, arXiv 2305.18290), TRL's `sigmoid`.
+
+    z = β[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)],  ℓ = −log σ(z),  d_w = d_l = c = β σ(−z).
+    """
+    z = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
+    weight = (beta * torch.sigmoid(-z)).detach()
+    return MarginLossTerms(-F.logsigmoid(z), weight, weight, weight)
+
+
+def ipo_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, beta: float
+) -> MarginLossTerms:
+    """IPO (Azar et al. 2023, arXiv 2310.12036, Eq. 17 with τ = β), length-normalized as in TRL's `ipo`.
+
+    u = (log π_w − log π_ref,w)/|y_w| − (log π_l − log π_ref,l)/|y_l|,  ℓ = (u − 1/(2β))²,
+    c = 2(1/(2β) − u),  d_w = c/|y_w|,  d_l = c/|y_l|.  c < 0 once the margin overshoots 1/(2β): IPO then pulls the
+    two log-probs back together.
+    """
+    len_w, len_l = _lengths(chosen_lengths, chosen_logps), _lengths(rejected_lengths, rejected_logps)
+    u = (chosen_logps - ref_chosen_logps) / len_w - (rejected_logps - ref_rejected_logps) / len_l
+    target = 1.0 / (2.0 * beta)
+    c = (2.0 * (target - u)).detach()
+    return MarginLossTerms((u - target) ** 2, c / len_w, c / len_l, c)
+
+
+def slic_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float) -> MarginLossTerms:
+    """SLiC-HF hinge (Zhao et al. 2023, arXiv 2305.10425) on the DPO log-ratio margin, TRL's `hinge`.
+
+    z = β[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)],  ℓ = max(0, 1 − z),  d_w = d_l = c = β·1[z < 1].
+    """
+    z = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps))
+    weight = (beta * (z < 1).to(z.dtype)).detach()
+    return MarginLossTerms(torch.relu(1 - z), weight, weight, weight)
+
+
+def simpo_loss(
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float, gamma: float
+) -> MarginLossTerms:
+    """SimPO (Meng et al. 2024, arXiv 2405.14734), reference-free and length-normalized.
+
+    z = β(log π_w/|y_w| − log π_l/|y_l|) − γ,  ℓ = −log σ(z),  c = β σ(−z),  d_w = c/|y_w|,  d_l = c/|y_l|.
+    """
+    len_w, len_l = _lengths(chosen_lengths, chosen_logps), _lengths(rejected_lengths, rejected_logps)
+    z = beta * (chosen_logps / len_w - rejected_logps / len_l) - gamma
+    c = (beta * torch.sigmoid(-z)).detach()
+    return MarginLossTerms(-F.logsigmoid(z), c / len_w, c / len_l, c)
+
+
+def r_dpo_loss(
+    chosen_logps,
+    rejected_logps,
+    ref_chosen_logps,
+    ref_rejected_logps,
+    chosen_lengths,
+    rejected_lengths,
+    beta: float,
+    alpha: float,
+) -> MarginLossTerms:
+    """R-DPO, length-regularized DPO (Park et al. 2024, arXiv 2403.19159).
+
+    m = β[(log π_w − log π_ref,w) − (log π_l − log π_ref,l)] + α(|y_w| − |y_l|),  ℓ = −log σ(m),
+    d_w = d_l = c = β σ(−m). A longer chosen response already earns margin, so it gets less push.
+    """
+    len_w, len_l = chosen_lengths.to(chosen_logps.dtype), rejected_lengths.to(rejected_logps.dtype)
+    m = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps)) + alpha * (len_w - len_l)
+    weight = (beta * torch.sigmoid(-m)).detach()
+    return MarginLossTerms(-F.logsigmoid(m), weight, weight, weight)
+
+
+def dpop_loss(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta: float, lam: float
+) -> MarginLossTerms:
+    """DPOP / DPO-Positive (Pal et al. 2024, "Smaug", arXiv 2402.13228).
+
+    m = β[(log π_w − log π_ref,w) − (log π_l − log π_ref,l) − λ·max(0, log π_ref,w − log π_w)],  ℓ = −log σ(m),
+    d_w = β σ(−m)(1 + λ·1[log π_w < log π_ref,w]),  d_l = β σ(−m). Not a single-margin loss (no pair weight).
+    """
+    below_reference = torch.relu(ref_chosen_logps - chosen_logps)
+    m = beta * ((chosen_logps - ref_chosen_logps) - (rejected_logps - ref_rejected_logps) - lam * below_reference)
+    base = (beta * torch.sigmoid(-m)).detach()
+    penalty_active = (chosen_logps < ref_chosen_logps).to(base.dtype)
+    return MarginLossTerms(-F.logsigmoid(m), base * (1 + lam * penalty_active), base, None)
+
+
+def cpo_loss(chosen_logps, rejected_logps, chosen_lengths, beta: float, alpha: float) -> MarginLossTerms:
+    """CPO (Xu et al. 2024, arXiv 2401.08417): a reference-free sigmoid margin plus NLL on the chosen response.
+
+    z = β(log π_w − log π_l),  ℓ = −log σ(z) − α log π_w/|y_w|  (the NLL is the per-token mean, as CPO trains it),
+    d_w = β σ(−z) + α/|y_w|,  d_l = β σ(−z). Not a single-margin loss (no pair weight).
+    """
+    len_w = _lengths(chosen_lengths, chosen_logps)
+    z = beta * (chosen_logps - rejected_logps)
+    base = (beta * torch.sigmoid(-z)).detach()
+    loss = -F.logsigmoid(z) - alpha * chosen_logps / len_w
+    return MarginLossTerms(loss, base + alpha / len_w, base, None)
+
+
+def margin_loss(
+    name: str,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    chosen_lengths: torch.Tensor,
+    rejected_lengths: torch.Tensor,
+    hparams: MarginHyperparameters,
+) -> MarginLossTerms:
+    """Dispatch to the loss called `name` (one of `MARGIN_LOSSES`) with the arguments it needs."""
+    if name not in REFERENCE_FREE_LOSSES and (ref_chosen_logps is None or ref_rejected_logps is None):
+        raise ValueError(f"margin loss {name!r} needs the reference log-probs, got None.")
+    beta = hparams.beta
+    if name == "dpo":
+        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    if name == "ipo":
+        return ipo_loss(
+            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, beta
+        )
+    if name == "slic":
+        return slic_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
+    if name == "simpo":
+        return simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta, hparams.simpo_gamma)
+    if name == "r_dpo":
+        return r_dpo_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            chosen_lengths,
+            rejected_lengths,
+            beta,
+            hparams.rdpo_alpha,
+        )
+    if name == "dpop":
+        return dpop_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, hparams.dpop_lambda)
+    if name == "cpo":
+        return cpo_loss(chosen_logps, rejected_logps, chosen_lengths, beta, hparams.cpo_alpha)
+    raise ValueError(f"Unknown margin loss {name!r}; expected one of {MARGIN_LOSSES}.")
+
+
+def normalized_pair_surrogate(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    pair_weight: torch.Tensor,
+    chosen_grad_norm: torch.Tensor,
+    rejected_grad_norm: torch.Tensor,
+) -> torch.Tensor:
+    """Per-pair surrogate whose gradient is the pairwise normalized update (Yuan et al. 2024, §4.3 of our notes).
+
+    s = −c·log π_w/‖g_w‖ + c·log π_l/‖g_l‖ with c and the norms held constant, so −∇θ s = c(g_w/‖g_w‖ − g_l/‖g_l‖)
+    exactly when the norms are the exact per-pair gradient norms. A zero norm means the response does not depend on
+    the parameters; its term is dropped instead of dividing by zero.
+    """
+    inverse_w = torch.where(chosen_grad_norm > 0, 1.0 / chosen_grad_norm.clamp_min(1e-30), 0.0).detach()
+    inverse_l = torch.where(rejected_grad_norm > 0, 1.0 / rejected_grad_norm.clamp_min(1e-30), 0.0).detach()
+    c = pair_weight.detach()
+    return -c * inverse_w * chosen_logps + c * inverse_l * rejected_logps
+
+
+def first_order_deltas(
+    d_chosen: torch.Tensor,
+    d_rejected: torch.Tensor,
+    inner: torch.Tensor,
+    chosen_norm_sq: torch.Tensor,
+    rejected_norm_sq: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """First-order Δlog π_w and Δlog π_l per unit step size for the update d_w g_w − d_l g_l (see the module doc)."""
+    return d_chosen * chosen_norm_sq - d_rejected * inner, d_chosen * inner - d_rejected * rejected_norm_sq
+
+
+def normalized_update_coefficients(
+    pair_weight: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_norm_sq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_w, d_l) of the normalized update c(g_w/‖g_w‖ − g_l/‖g_l‖): c/‖g_w‖ and c/‖g_l‖ (0 for a zero gradient).
+
+    With them `first_order_deltas` gives Δlog π_w = c‖g_w‖(1 − cos) ≥ 0 and Δlog π_l = −c‖g_l‖(1 − cos) ≤ 0 for c ≥ 0.
+    """
+    norm_w, norm_l = chosen_norm_sq.sqrt(), rejected_norm_sq.sqrt()
+    d_w = torch.where(norm_w > 0, pair_weight / norm_w.clamp_min(1e-30), 0.0)
+    d_l = torch.where(norm_l > 0, pair_weight / norm_l.clamp_min(1e-30), 0.0)
+    return d_w, d_l
+
+
+def condition_ratio(inner: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_norm_sq: torch.Tensor) -> torch.Tensor:
+    """The paper's "Grad_Condition" ⟨g_w, g_l⟩ / min(‖g_w‖², ‖g_l‖²); < 1 is the ideal regime when d_w = d_l.
+
+    The official analysis script divides by min(‖g_w‖², ‖g_w‖²) (the chosen norm twice); the intended and used
+    denominator here is the minimum over both responses.
+    """
+    return inner / torch.minimum(chosen_norm_sq, rejected_norm_sq)
+
+
+def cosine(inner: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_norm_sq: torch.Tensor) -> torch.Tensor:
+    return inner / (chosen_norm_sq * rejected_norm_sq).sqrt()
