@@ -60,7 +60,14 @@ def build_parser(method: Method):
 
     from align.configs import AlignModelConfig, DataArguments
 
-    return TrlParser((DataArguments, _load(method.config), AlignModelConfig))
+    return TrlParser((DataArguments, method_classes(method)[1], AlignModelConfig))
+
+
+def method_classes(method: Method) -> tuple[type, type]:
+    """The method's (trainer, config) with entropy-regularized attention composed in (off unless a field sets it)."""
+    from align.trainers.entropy import with_entropy_regularization
+
+    return with_entropy_regularization(_load(method.trainer), _load(method.config))
 
 
 def dataset_kind_for(method: Method, training_args) -> str:
@@ -135,7 +142,7 @@ def run(method_name: str, data_args, training_args, model_args):
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     kind = dataset_kind_for(method, training_args)
     train_dataset, eval_dataset = build_datasets(kind, data_args, seed=training_args.seed)
-    trainer_cls = _load(method.trainer)
+    trainer_cls = method_classes(method)[0]
     trainer = trainer_cls(
         model=model_path,
         args=training_args,
