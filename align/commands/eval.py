@@ -1,0 +1,69 @@
+"""`align eval`: pass@k / maj@k (and bon@k with an implicit PRM) of a model on MATH-style problems.
+
+    align eval --model M --dataset math500 --n 16 --temperature 0.6 --top-p 0.95 --max-new-tokens 1024 \\
+        --output-dir runs/x [--limit 50] [--backend auto|hf|vllm] [--seed 0]
+    align eval --config eval/math500.yaml --model runs/dco --output-dir runs/dco-eval
+    align eval --samples runs/x/samples.jsonl [--prm runs/prm]      # re-grade / re-score, no generation
+    accelerate launch --multi_gpu --num_processes 8 -m align.cli eval --config eval/math500.yaml ...
+
+Writes samples.jsonl, summary.json and passk.png into the output directory; rerunning resumes. See eval/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+
+HELP = "Evaluate pass@k / maj@k (/ bon@k with --prm) on MATH-style problems: align eval --config eval/math500.yaml"
+
+
+def parse(argv: list[str]):
+    from trl import TrlParser
+
+    from align.evaluation.config import EvalConfig
+
+    parser = TrlParser((EvalConfig,), prog="align eval", description=HELP)
+    (config,) = parser.parse_args_and_config(argv)
+    return config
+
+
+def format_metrics(summary: dict) -> str:
+    metrics = summary["metrics"]
+    families = sorted({key.split("@")[0] for key in metrics}, key=["pass", "maj", "bon", "weighted_maj"].index)
+    lines = []
+    for family in families:
+        values = "  ".join(f"@{k}={metrics[f'{family}@{k}']:.4f}" for k in summary["ks"])
+        lines.append(f"{family:>12}: {values}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    from align.data.loaders import DatasetUnavailableError
+    from align.data.schema import InvalidRowError
+    from align.evaluation.harness import RunConfigMismatchError, run_eval
+    from align.evaluation.records import SamplesFileError
+
+    try:
+        config = parse(argv)
+    except ValueError as error:
+        print(f"align eval: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run_eval(config)
+    except (
+        RunConfigMismatchError,
+        InvalidRowError,
+        DatasetUnavailableError,
+        SamplesFileError,
+        FileNotFoundError,
+    ) as error:
+        # bad input: the message says what is wrong and how to fix it; a traceback would only bury it
+        print(f"align eval: {error}", file=sys.stderr)
+        return 2
+    if summary is not None:
+        counts = json.dumps(summary["samples"])
+        print(f"{summary['num_problems']} problems, n={summary['n']}; samples: {counts}\n{format_metrics(summary)}")
+    return 0

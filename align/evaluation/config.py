@@ -1,0 +1,166 @@
+"""Options of `align eval` (and of the `align data` builders, which sample the same way), as dataclasses.
+
+Parsed by TRL's `TrlParser`: every field is a `--flag` (dashes or underscores), `--config eval/math500.yaml` sets
+defaults from YAML, flags override the YAML, and unknown keys are an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from align.data.loaders import ROW_FORMATS
+from align.data.prompts import DEFAULT_INSTRUCTION, PROMPT_STYLES
+from align.evaluation.backends import BACKENDS, SamplingConfig
+from align.models import DEFAULT_MODEL
+
+
+PRM_AGGREGATES = ("min", "mean", "last", "sum")
+
+
+@dataclass
+class SamplingRunArguments:
+    """What to sample from (model, problems, prompt) and how (sampling, backend, grading)."""
+
+    model: str = field(
+        default=DEFAULT_MODEL,
+        metadata={
+            "help": "Model alias, local directory, Hub id or PEFT adapter directory (e.g. an `align train` run)."
+        },
+    )
+    dataset: str = field(
+        default="math500",
+        metadata={
+            "help": "`math500`, `math`, `gsm8k`, `synthetic`, a Hub dataset id, or a local .jsonl/.json/.parquet file."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset config (subset) name."})
+    split: str = field(default="test", metadata={"help": "Dataset split."})
+    limit: int | None = field(
+        default=None, metadata={"help": "Use the first N problems (required for `synthetic`, which is unbounded)."}
+    )
+    column_mapping: str | None = field(
+        default=None,
+        metadata={"help": "Map schema fields to the dataset's columns, e.g. `problem=question,answer=final`."},
+    )
+    row_format: str = field(
+        default="auto",
+        metadata={"help": f"How rows give their answer: one of {ROW_FORMATS} (see align.data.loaders)."},
+    )
+    skip_invalid: bool = field(
+        default=False, metadata={"help": "Skip (and count in the summary) invalid rows instead of failing."}
+    )
+    synthetic_levels: list[int] = field(
+        default_factory=lambda: [1], metadata={"help": "Difficulty levels (1-5) of the synthetic task."}
+    )
+    synthetic_seed: int = field(default=0, metadata={"help": "Seed of the synthetic generator."})
+    temperature: float = field(default=0.6, metadata={"help": "Sampling temperature (0 = greedy)."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass."})
+    max_new_tokens: int = field(default=512, metadata={"help": "Cap on generated tokens per sample."})
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of sampling (per sequence: independent of batch size and sharding) and of maj@k."},
+    )
+    backend: str = field(
+        default="auto", metadata={"help": f"One of {BACKENDS}; auto = vllm if importable and a GPU is present."}
+    )
+    batch_size: int = field(
+        default=16, metadata={"help": "hf: sequences per generate call; vllm: prompts handed over per call."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (fp32 on CPU, bf16 on GPU), float32, ..."})
+    prompt_style: str = field(
+        default="chat", metadata={"help": f"One of {PROMPT_STYLES}: chat template, or plain text for base models."}
+    )
+    prompt_instruction: str = field(
+        default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction appended to every problem (as in training)."}
+    )
+    grader_workers: int | None = field(
+        default=None, metadata={"help": "Grading processes (default: the CPUs of this process / local processes)."}
+    )
+    grading_timeout: float = field(default=5.0, metadata={"help": "Seconds allowed to grade one answer."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
+        if self.row_format not in ROW_FORMATS:
+            raise ValueError(f"row_format must be one of {ROW_FORMATS}, got {self.row_format!r}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1, got {self.limit}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.grading_timeout <= 0:
+            raise ValueError(f"grading_timeout must be > 0, got {self.grading_timeout}")
+
+    def sampling(self, n: int) -> SamplingConfig:
+        return SamplingConfig(
+            n=n,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )
+
+    def identity(self, n: int, backend: str) -> dict:
+        """What makes stored samples reusable: a resumed run must agree on all of it."""
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "dataset_config": self.dataset_config,
+            "split": self.split,
+            "column_mapping": self.column_mapping,
+            "row_format": self.row_format,
+            "synthetic_levels": list(self.synthetic_levels) if self.dataset == "synthetic" else None,
+            "synthetic_seed": self.synthetic_seed if self.dataset == "synthetic" else None,
+            "sampling": self.sampling(n).to_dict(),
+            "backend": backend,
+            "dtype": self.dtype,
+            "prompt_style": self.prompt_style,
+            "prompt_instruction": self.prompt_instruction,
+        }
+
+
+@dataclass
+class EvalConfig(SamplingRunArguments):
+    """`align eval`: sample n completions per problem, grade them, report pass@k / maj@k (/ bon@k with a PRM)."""
+
+    n: int = field(default=1, metadata={"help": "Samples per problem; pass@k and maj@k are reported for k <= n."})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Run directory: samples.jsonl, summary.json, passk.png. Rerunning it resumes."},
+    )
+    samples: str | None = field(
+        default=None,
+        metadata={
+            "help": "Re-grade (and re-score with --prm) an existing samples.jsonl instead of generating; writes into "
+            "--output-dir (default: the file's directory)."
+        },
+    )
+    maj_num_subsets: int = field(
+        default=1000,
+        metadata={"help": "maj@k averages over all k-subsets if there are at most this many, else this many."},
+    )
+    prm: str | None = field(
+        default=None, metadata={"help": "Implicit PRM (align.prm) to score samples: adds bon@k, weighted_maj@k."}
+    )
+    prm_ref: str | None = field(default=None, metadata={"help": "Reference model of the PRM (default: its own)."})
+    prm_aggregate: str = field(
+        default="min", metadata={"help": f"Step rewards -> sample score: one of {PRM_AGGREGATES}."}
+    )
+    prm_beta: float | None = field(default=None, metadata={"help": "PRM beta (default: the PRM's own)."})
+    prm_batch_size: int = field(default=8, metadata={"help": "Samples scored per PRM call."})
+    plot: bool = field(default=True, metadata={"help": "Write passk.png."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.samples is None and self.output_dir is None:
+            raise ValueError(
+                "output_dir is required (where samples.jsonl and summary.json go), e.g. --output-dir runs/x"
+            )
+        if self.prm_aggregate not in PRM_AGGREGATES:
+            raise ValueError(f"prm_aggregate must be one of {PRM_AGGREGATES}, got {self.prm_aggregate!r}")
+        if self.maj_num_subsets < 1:
+            raise ValueError(f"maj_num_subsets must be >= 1, got {self.maj_num_subsets}")

@@ -1,0 +1,150 @@
+"""summary.json and passk.png from graded records (see `align.evaluation.records` for the record format).
+
+The summary is a pure function of the records and the run's metadata: timings come from the per-record
+`generation_s` / `grading_s` stored in samples.jsonl, so re-summarizing a finished run (a resumed run with nothing
+left to do, or `align eval --samples`) reproduces it exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from align.evaluation.estimators import bon_at_k, ks_up_to, maj_at_k, pass_at_k, weighted_maj_at_k
+from align.evaluation.records import PLOT_FILE, SUMMARY_FILE, write_json_atomic
+
+
+METRIC_FAMILIES = ("pass", "maj", "bon", "weighted_maj")
+_VERSIONED = ("align", "torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm")
+
+
+def problem_metrics(record: dict, n: int, ks: list[int], seed: int, num_subsets: int, scored: bool) -> dict:
+    """pass@k and maj@k (and with scores bon@k, weighted_maj@k) of one problem, from its first n samples."""
+    samples = record["samples"][:n]
+    correct = [sample["verdict"] == "correct" for sample in samples]
+    groups = [sample.get("group") for sample in samples]
+    metrics = {}
+    for k in ks:
+        metrics[f"pass@{k}"] = pass_at_k(n, sum(correct), k)
+        metrics[f"maj@{k}"] = maj_at_k(groups, correct, k, seed=seed, num_subsets=num_subsets)
+        if scored:
+            scores = [sample["score"] for sample in samples]
+            metrics[f"bon@{k}"] = bon_at_k(scores, correct, k)
+            metrics[f"weighted_maj@{k}"] = weighted_maj_at_k(groups, scores, correct, k, seed, num_subsets)
+    return metrics
+
+
+def _mean(rows: list[dict]) -> dict:
+    return {key: round(sum(row[key] for row in rows) / len(rows), 6) for key in rows[0]} if rows else {}
+
+
+def _stderr(rows: list[dict]) -> dict:
+    """Standard error of the mean over problems (sample standard deviation / sqrt(problems))."""
+    if len(rows) < 2:
+        return {key: 0.0 for key in (rows[0] if rows else {})}
+    out = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        mean = sum(values) / len(values)
+        variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1)
+        out[key] = round(math.sqrt(variance / len(values)), 6)
+    return out
+
+
+def _breakdown(records: list[dict], per_problem: list[dict], field: str) -> dict:
+    buckets: dict[str, list[dict]] = defaultdict(list)
+    for record, metrics in zip(records, per_problem):
+        buckets[str(record.get(field, ""))].append(metrics)
+    return {key: {"num_problems": len(rows), **_mean(rows)} for key, rows in sorted(buckets.items())}
+
+
+def package_versions() -> dict:
+    versions = {}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def summarize(
+    records: list[dict], *, n: int, seed: int = 0, num_subsets: int = 1000, meta: dict | None = None
+) -> dict:
+    """The summary dict: metrics over problems, per level and subject, sample statistics, timing, versions."""
+    if not records:
+        raise ValueError("no records to summarize")
+    too_few = [record["id"] for record in records if len(record["samples"]) < n]
+    if too_few:
+        raise ValueError(f"{len(too_few)} records have fewer than n={n} samples (first: {too_few[0]!r})")
+    ks = ks_up_to(n)
+    samples = [sample for record in records for sample in record["samples"][:n]]
+    scored = all("score" in sample for sample in samples)
+    per_problem = [problem_metrics(record, n, ks, seed, num_subsets, scored) for record in records]
+    verdicts = Counter(sample["verdict"] for sample in samples)
+    token_counts = [sample["num_tokens"] for sample in samples if sample.get("num_tokens") is not None]
+    generation_s = sum(record.get("generation_s") or 0.0 for record in records)
+    return {
+        **(meta or {}),
+        "num_problems": len(records),
+        "n": n,
+        "ks": ks,
+        "metrics": _mean(per_problem),
+        "stderr": _stderr(per_problem),
+        "by_level": _breakdown(records, per_problem, "level"),
+        "by_subject": _breakdown(records, per_problem, "subject"),
+        "samples": {
+            "total": len(samples),
+            **{verdict: verdicts.get(verdict, 0) for verdict in ("correct", "incorrect", "no_answer", "timeout")},
+            "truncated": sum(sample.get("finish_reason") == "length" for sample in samples),
+            "mean_tokens": round(sum(token_counts) / len(token_counts), 2) if token_counts else None,
+        },
+        "estimators": {
+            "pass@k": "unbiased, 1 - C(n-c,k)/C(n,k) (Chen et al. 2021)",
+            "maj@k": f"mean over all k-subsets if C(n,k) <= {num_subsets}, else {num_subsets} random (seed {seed})",
+            "bon@k": "exact expectation over all k-subsets" if scored else None,
+        },
+        "timing": {
+            "generation_s": round(generation_s, 3),
+            "grading_s": round(sum(record.get("grading_s") or 0.0 for record in records), 3),
+            "generated_tokens": sum(token_counts),
+            "tokens_per_s": round(sum(token_counts) / generation_s, 2) if generation_s > 0 else None,
+        },
+        "versions": package_versions(),
+    }
+
+
+def plot_passk(summary: dict, path: Path) -> None:
+    """pass@k, maj@k (and bon@k, weighted maj@k when present) against k on a log-2 axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ks = summary["ks"]
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for family in METRIC_FAMILIES:
+        values = [summary["metrics"].get(f"{family}@{k}") for k in ks]
+        if all(value is not None for value in values):
+            axis.plot(ks, values, marker="o", label=f"{family}@k")
+    axis.set_xscale("log", base=2)
+    axis.set_xticks(ks, [str(k) for k in ks])
+    axis.set_xlabel("k (samples)")
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(0, 1)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    model, dataset = summary.get("model", "?"), summary.get("dataset", "?")
+    axis.set_title(f"{model} on {dataset} ({summary['num_problems']} problems, n={summary['n']})", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write_report(summary: dict, output_dir: Path, plot: bool = True) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(output_dir / SUMMARY_FILE, summary)
+    if plot:
+        plot_passk(summary, output_dir / PLOT_FILE)
