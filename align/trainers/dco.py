@@ -1,0 +1,399 @@
+"""`DCOTrainer`: supervised fine-tuning with the Direct Coverage Optimization (pass@N) loss.
+
+Chen, Raventós, Cheng, Ganguli, Druckmann 2025, "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting
+Confidence Improves Mathematical Reasoning" (arXiv 2502.07154). The math lives in `align.losses.coverage`; this
+module only wires it into TRL's `SFTTrainer`:
+
+- the per-token log-probabilities come from TRL's fused LM head (no (B, L, V) logits);
+- they are summed per sequence (`sequence` mode), per step (`step` mode, DCO_step), or the trace's cross-entropy is
+  weighted by an estimated p̂ read from the dataset (`estimated` mode, DCO_a);
+- the loss is a per-sequence mean (not TRL's per-token mean), so gradient accumulation is left to `Trainer`
+  (`loss_is_scaled_for_ga = False`), as in DPO.
+
+The extra inputs (the `p_hat` column, the step index of every token) survive TRL's dataset preparation because
+they are declared as signature columns, and reach `compute_loss` through a collator that wraps TRL's.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from bisect import bisect_right
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import global_then_local_main_first
+
+from align.losses.coverage import CoverageLossOutput, dco_estimated_loss, dco_loss, segment_log_probs
+
+
+DCO_MODES = ("sequence", "step", "estimated")
+P_HAT_COLUMN = "p_hat"
+STEP_IDS_COLUMN = "dco_step_ids"
+DEFAULT_STEP_SEPARATOR = r"\n\s*\n"
+
+
+@dataclass
+class DCOConfig(SFTConfig):
+    r"""
+    Configuration class for [`DCOTrainer`]: TRL's [`~trl.SFTConfig`] plus the DCO loss options.
+
+    > Parameters that control the DCO loss
+
+        pass_n (`float`, *optional*, defaults to `16`):
+            N', the test-time sample budget the model is trained for: the loss is -log(1 - (1 - p̂)^N'). `1` is
+            cross-entropy with a per-sequence mean. In `step` mode it is N_eff, the budget per step.
+        dco_mode (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"`: p̂ is the probability of the whole completion (the paper's direct-answer DCO).
+            `"step"`: the completion is split into steps by `dco_step_separator` and each step's cross-entropy is
+            weighted by F(N_eff, p̂_step) (DCO_step). `"estimated"`: p̂ is an estimate of P(correct answer) read
+            from the dataset column `p_hat` (e.g. written by `align data coverage`), and the trace's cross-entropy
+            is weighted by F(N, p̂) (DCO_a, for chains of thought).
+        dco_weight_threshold (`float`, *optional*, defaults to `0.0`):
+            ε: units (sequences, or steps) whose weight F < ε are dropped from the batch, and the mean divides by
+            the number of sequences kept. `0` keeps everything.
+        dco_step_separator (`str`, *optional*, defaults to `r"\n\s*\n"`):
+            Regular expression between two steps in `step` mode (default: a blank line).
+
+    The SFT options `packing`, `padding_free`, `loss_type="dft"` and `label_smoothing_factor` are rejected: packing
+    mixes sequences in one row, and the others replace the loss that DCO defines.
+    """
+
+    pass_n: float = field(
+        default=16.0,
+        metadata={
+            "help": "N', the test-time sample budget trained for: loss = -log(1 - (1 - p̂)^N'). 1 = cross-entropy "
+            "(per-sequence mean). In `step` mode this is N_eff, the budget per step."
+        },
+    )
+    dco_mode: str = field(
+        default="sequence",
+        metadata={
+            "help": "`sequence`: p̂ = probability of the whole completion (direct-answer DCO). `step`: DCO_step, "
+            "each step (split by dco_step_separator) weighted by F(N_eff, p̂_step). `estimated`: DCO_a, the trace's "
+            "cross-entropy weighted by F(N, p̂) with p̂ from the dataset column `p_hat` (align data coverage).",
+            "choices": list(DCO_MODES),
+        },
+    )
+    dco_weight_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "ε in [0, 1]: drop units (sequences, or steps in step mode) whose weight F < ε from the batch "
+            "and divide by the number of sequences kept. 0 keeps everything."
+        },
+    )
+    dco_step_separator: str = field(
+        default=DEFAULT_STEP_SEPARATOR,
+        metadata={"help": "Regular expression between two steps in `step` mode (default: a blank line)."},
+    )
+
+    def __post_init__(self):
+        if not (isinstance(self.pass_n, int | float) and math.isfinite(self.pass_n) and self.pass_n >= 1):
+            raise ValueError(
+                f"pass_n must be a number >= 1 (the test-time sample budget; 1 = cross-entropy), got {self.pass_n!r}."
+            )
+        self.pass_n = float(self.pass_n)
+        if self.dco_mode not in DCO_MODES:
+            raise ValueError(f"dco_mode must be one of {DCO_MODES}, got {self.dco_mode!r}.")
+        if not 0.0 <= self.dco_weight_threshold <= 1.0:
+            raise ValueError(
+                f"dco_weight_threshold (ε) must be in [0, 1] since the weight F is, got {self.dco_weight_threshold!r}."
+            )
+        try:
+            separator = re.compile(self.dco_step_separator)
+        except re.error as error:
+            raise ValueError(
+                f"dco_step_separator {self.dco_step_separator!r} is not a valid regular expression: {error}."
+            ) from error
+        if separator.fullmatch(""):
+            raise ValueError(
+                f"dco_step_separator {self.dco_step_separator!r} matches the empty string, so it would split "
+                r"between every character; use a pattern that consumes text, e.g. '\n\s*\n'."
+            )
+        if self.packing or self.padding_free:
+            raise ValueError(
+                "DCO needs each sequence in its own row to compute its probability: set `packing: false` and "
+                "`padding_free: false`."
+            )
+        if self.loss_type != "nll":
+            raise ValueError(
+                f"DCO defines its own loss; loss_type must be 'nll' (the default), got {self.loss_type!r}."
+            )
+        if self.label_smoothing_factor:
+            raise ValueError("DCO defines its own loss; set label_smoothing_factor to 0.")
+        super().__post_init__()
+
+
+def step_segment_ids(labels: list[int], tokenizer, separator: re.Pattern) -> list[int]:
+    """The step index (0, 1, ...) of every trained token of one example, -1 for tokens outside the loss.
+
+    Steps are found in the text of the trained tokens: each token is decoded on its own and the pieces are
+    concatenated, which gives every token a character span in that text whatever the chat template, truncation or
+    tokenizer; a step starts after each match of `separator` and at every gap in the trained tokens (a new
+    assistant turn). A token that straddles a boundary belongs to the step it starts in.
+    """
+    positions = [i for i, token in enumerate(labels) if token != -100]
+    ids = [-1] * len(labels)
+    if not positions:
+        return ids
+    pieces = tokenizer.batch_decode(
+        [[labels[i]] for i in positions], skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    starts, offset = [], 0
+    for piece in pieces:
+        starts.append(offset)
+        offset += len(piece)
+    text = "".join(pieces)
+    boundaries = [match.end() for match in separator.finditer(text) if match.end() > match.start()]
+    raw_steps, gaps = [], 0
+    for k, (position, start) in enumerate(zip(positions, starts)):
+        if k and position != positions[k - 1] + 1:
+            gaps += 1
+        raw_steps.append((gaps, bisect_right(boundaries, start)))
+    # Number the steps 0, 1, 2, ... in order (a token spanning several separators can leave a step empty).
+    dense = {}
+    for position, step in zip(positions, raw_steps):
+        ids[position] = dense.setdefault(step, len(dense))
+    return ids
+
+
+def _check_p_hat_column(dataset, dataset_name: str) -> None:
+    columns = dataset.column_names
+    if columns is not None and P_HAT_COLUMN not in columns:
+        raise ValueError(
+            f"dco_mode='estimated' reads p̂ from a `{P_HAT_COLUMN}` column, but the {dataset_name} dataset has "
+            f"columns {sorted(columns)}. Build one with `align data coverage --model M --dataset D --k 16 --output "
+            "out/` and train on its output, or use dco_mode='sequence'."
+        )
+    if isinstance(dataset, Dataset):
+        for row, value in enumerate(dataset[P_HAT_COLUMN]):
+            if not _is_probability(value):
+                raise ValueError(
+                    f"The {dataset_name} dataset, row {row}: {P_HAT_COLUMN} = {value!r} is not a probability in "
+                    "[0, 1]. Fix or drop the row (p_hat is the fraction of sampled answers graded correct)."
+                )
+
+
+def _is_probability(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
+@dataclass
+class DataCollatorForCoverage:
+    """Wraps TRL's collator and adds DCO's inputs: `p_hat` (B,) and the per-token step ids (B, L), -1 padded."""
+
+    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
+    with_p_hat: bool = False
+    with_step_ids: bool = False
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = self.collator(examples)
+        if self.with_p_hat:
+            values = [example.get(P_HAT_COLUMN) for example in examples]
+            for index, value in enumerate(values):
+                if not _is_probability(value):
+                    raise ValueError(
+                        f"Batch example {index}: {P_HAT_COLUMN} = {value!r} is not a probability in [0, 1]; fix the "
+                        "dataset's p_hat column."
+                    )
+            batch[P_HAT_COLUMN] = torch.tensor(values, dtype=torch.float32)
+        if self.with_step_ids:
+            width = batch["labels"].shape[1]
+            step_ids = torch.full((len(examples), width), -1, dtype=torch.long)
+            for index, example in enumerate(examples):
+                row = example[STEP_IDS_COLUMN]
+                if len(row) != len(example["input_ids"]):
+                    raise ValueError(
+                        f"Batch example {index}: {STEP_IDS_COLUMN} has {len(row)} entries for "
+                        f"{len(example['input_ids'])} tokens; rebuild the dataset (the column must come from "
+                        "DCOTrainer's dataset preparation)."
+                    )
+                step_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)  # TRL pads on the right
+            batch[STEP_IDS_COLUMN] = step_ids
+        return batch
+
+
+class DCOTrainer(SFTTrainer):
+    """[`~trl.SFTTrainer`] whose loss is DCO's -log(1 - (1 - p̂)^N), see [`DCOConfig`] and `align.losses.coverage`.
+
+    Takes every dataset [`~trl.SFTTrainer`] takes (prompt/completion or conversational, completion-only or
+    assistant-only masks), LoRA through `peft_config`, gradient accumulation and multi-process launches. p̂ is the
+    probability of the tokens the loss is computed on (the completion, or the assistant turns).
+
+    Example:
+    ```python
+    >>> from align.trainers.dco import DCOConfig, DCOTrainer
+    >>> args = DCOConfig(output_dir="runs/dco", pass_n=16)
+    >>> trainer = DCOTrainer(model="path/to/model", args=args, train_dataset=dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "sft", "dco", "align"]
+    _name = "DCO"
+    _paper = {
+        "title": "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves Mathematical "
+        "Reasoning",
+        "id": "2502.07154",
+        "citation": textwrap.dedent("""\
+            @article{chen2025rethinking,
+                title   = {{Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
+                           Mathematical Reasoning}},
+                author  = {Feng Chen and Allan Ravent{\\'o}s and Nan Cheng and Surya Ganguli and Shaul Druckmann},
+                year    = 2025,
+                journal = {arXiv preprint arXiv:2502.07154},
+            }"""),
+    }
+    # The loss is a mean over this micro-batch's sequences, so `Trainer` divides it by the accumulation steps: with
+    # equal micro-batches, accumulating k of them equals one k-times larger batch (what DPO and KTO do as well).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model, args: DCOConfig | None = None, *, compute_loss_func=None, **kwargs):
+        if args is None:
+            name = model if isinstance(model, str) else model.config._name_or_path
+            args = DCOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DCO")
+        elif not isinstance(args, DCOConfig):
+            raise TypeError(
+                f"DCOTrainer needs a DCOConfig (it adds pass_n, dco_mode, ...), got {type(args).__name__}; build "
+                "one with DCOConfig(**your_args.to_dict())."
+            )
+        if compute_loss_func is not None:
+            raise ValueError("DCOTrainer computes the DCO loss itself; do not pass compute_loss_func.")
+        super().__init__(model, args=args, **kwargs)
+        if self._is_vision_dataset:
+            raise ValueError("DCOTrainer supports text datasets only; this dataset has images.")
+        parallelism = self.accelerator.parallelism_config
+        if parallelism is not None and (parallelism.cp_enabled or getattr(parallelism, "sp_enabled", False)):
+            raise ValueError(
+                "DCO needs whole sequences on one process to compute p̂; context/sequence parallelism splits them. "
+                "Disable cp_size/sp_size."
+            )
+        if self._skip_prepare_dataset and args.dco_mode == "step":
+            for name, dataset in {"train": self.train_dataset, "eval": self.eval_dataset}.items():
+                if dataset is not None and STEP_IDS_COLUMN not in (dataset.column_names or []):
+                    raise ValueError(
+                        f"dco_mode='step' with skip_prepare_dataset needs a `{STEP_IDS_COLUMN}` column in the {name} "
+                        "dataset (step index of each token, -1 outside the loss); let DCOTrainer prepare the dataset "
+                        "or add it with `align.trainers.dco.step_segment_ids`."
+                    )
+        self.data_collator = DataCollatorForCoverage(
+            self.data_collator, with_p_hat=args.dco_mode == "estimated", with_step_ids=args.dco_mode == "step"
+        )
+
+    def _dco_columns(self) -> list[str]:
+        return {"estimated": [P_HAT_COLUMN], "step": [STEP_IDS_COLUMN]}.get(self.args.dco_mode, [])
+
+    def _set_signature_columns_if_needed(self):
+        # `Trainer` drops every column the model's forward does not take (`remove_unused_columns`); keep DCO's.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *self._dco_columns()]))
+
+    def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        if args.dco_mode == "estimated":
+            _check_p_hat_column(dataset, dataset_name)
+        dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
+        if args.dco_mode == "step" and STEP_IDS_COLUMN not in (dataset.column_names or []):
+            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
+            if isinstance(dataset, Dataset):
+                map_kwargs["desc"] = f"Splitting {dataset_name} completions into steps"
+            separator = re.compile(args.dco_step_separator)
+            with global_then_local_main_first():
+                dataset = dataset.map(
+                    lambda example: {STEP_IDS_COLUMN: step_segment_ids(example["labels"], self._tokenizer, separator)},
+                    **map_kwargs,
+                )
+        return dataset
+
+    def _coverage_loss(self, outputs, p_hat, step_ids) -> CoverageLossOutput:
+        args = self.args
+        label_mask = outputs.label_mask
+        token_logp = outputs.log_probs  # (B, L-1): position t scores label t+1; 0 where the label is -100
+        if args.dco_mode == "step":
+            # Step ids are per input token, like the labels, so shift them the same way.
+            segment_ids = step_ids[:, -token_logp.shape[1] :]
+            segment_ids = torch.where(label_mask, segment_ids, -1)
+        else:
+            segment_ids = torch.where(label_mask, 0, -1)
+        unit_logp, unit_mask = segment_log_probs(token_logp, segment_ids)
+        if args.dco_mode == "estimated":
+            return dco_estimated_loss(
+                unit_logp[:, 0], p_hat, args.pass_n, args.dco_weight_threshold, mask=unit_mask[:, 0]
+            )
+        return dco_loss(unit_logp, args.pass_n, args.dco_weight_threshold, unit_mask=unit_mask)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # `num_items_in_batch` (a token count) is not used: DCO's loss is a mean over sequences.
+        mode = "train" if self.model.training else "eval"
+        p_hat = inputs.pop(P_HAT_COLUMN, None)
+        step_ids = inputs.pop(STEP_IDS_COLUMN, None)
+        inputs["use_cache"] = False
+        if self.aux_loss_enabled:
+            inputs["output_router_logits"] = True
+        outputs = model(**inputs, fused_lm_head=True)
+        result = self._coverage_loss(outputs, p_hat, step_ids)
+        loss = result.loss
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        self._log_coverage_metrics(result, mode)
+        self._log_token_metrics(outputs, inputs, mode)
+        if return_outputs:
+            # `prediction_step` wants logits, which the fused head does not build: one extra forward, as in TRL.
+            with torch.no_grad():
+                outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+            return loss, outputs
+        return loss
+
+    def _log_coverage_metrics(self, result: CoverageLossOutput, mode: str) -> None:
+        """dco/* metrics over the units of every process (a unit is a sequence, or a step in step mode)."""
+        mask = result.unit_mask
+        sequences = mask.any(-1)
+        zero = torch.zeros_like(result.weight)
+        sums = torch.stack(
+            [
+                torch.where(mask, result.weight, zero).sum(),
+                mask.sum().to(zero.dtype),
+                (mask & ~result.kept).sum().to(zero.dtype),
+                torch.where(mask, result.coverage, zero).sum(),
+                torch.where(sequences, result.seq_logp, 0.0).sum().to(zero.dtype),
+                sequences.sum().to(zero.dtype),
+            ]
+        )
+        weight_min = torch.where(mask, result.weight, torch.full_like(zero, math.inf)).min()
+        weight_sum, units, dropped, coverage_sum, logp_sum, num_sequences = (
+            self.accelerator.gather(sums[None]).view(-1, sums.numel()).sum(0).tolist()
+        )
+        weight_min = self.accelerator.gather(weight_min[None]).min().item()
+        if units == 0:  # nothing was trained on in this batch on any process
+            return
+        metrics = self._metrics[mode]
+        metrics["dco/weight_mean"].append(weight_sum / units)
+        metrics["dco/weight_min"].append(weight_min)
+        metrics["dco/dropped_frac"].append(dropped / units)
+        metrics["dco/coverage"].append(coverage_sum / units)
+        metrics["dco/seq_logp_mean"].append(logp_sum / num_sequences)
+
+    def _log_token_metrics(self, outputs, inputs, mode: str) -> None:
+        """The metrics `SFTTrainer` logs (entropy, mean_token_accuracy, num_tokens, aux_loss), so runs compare."""
+        counts = torch.stack(
+            [
+                outputs.label_mask.sum().to(outputs.entropy.dtype),
+                outputs.entropy.detach().sum(),
+                outputs.is_top1.sum().to(outputs.entropy.dtype),
+            ]
+        ).float()
+        tokens, entropy_sum, top1 = self.accelerator.gather(counts[None]).view(-1, 3).sum(0).tolist()
+        self._metrics[mode]["entropy"].append(entropy_sum / tokens if tokens else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append(top1 / tokens if tokens else 0.0)
+        if mode == "train":
+            seen = inputs["attention_mask"].sum().reshape(1)
+            self._total_train_tokens += int(self.accelerator.gather(seen).sum().item()) // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if self.aux_loss_enabled:
+            self._metrics[mode]["aux_loss"].append(
+                self.accelerator.gather(outputs.aux_loss.detach()[None]).mean().item()
+            )
