@@ -34,6 +34,12 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "sft": Method("trl:SFTConfig", "trl:SFTTrainer", "sft", "cross-entropy fine-tuning (TRL SFTTrainer)"),
+    "dco": Method(
+        "align.trainers.dco:DCOConfig",
+        "align.trainers.dco:DCOTrainer",
+        "sft",
+        "Direct Coverage Optimization: pass@N loss -log(1-(1-p̂)^N) that limits over-confidence (sequence/step/p̂)",
+    ),
 }
 
 
