@@ -33,6 +33,10 @@ CONVENTIONS = ("paper", "code")
 NORMALIZATIONS = ("context", "visible")
 
 
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _RowEntropy(torch.autograd.Function):
     """H = -sum_j p_j log p_j over the last dim, with a backward that saves only `p`.
 
@@ -45,19 +49,19 @@ class _RowEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, probs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(probs)
-        p = probs.float()
+        p = probs.to(_at_least_float32(probs.dtype))
         return -torch.xlogy(p, p).sum(-1)
 
     @staticmethod
     def backward(ctx, grad_entropy: torch.Tensor) -> torch.Tensor:
         (probs,) = ctx.saved_tensors
-        p = probs.float()
+        p = probs.to(_at_least_float32(probs.dtype))
         log_p = torch.where(p > 0, torch.log(p), torch.zeros((), dtype=p.dtype, device=p.device))
         return (-(log_p + 1) * grad_entropy.unsqueeze(-1)).to(probs.dtype)
 
 
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:
-    """Entropy in nats of each row of `probs` (softmax output, any leading shape), computed in float32.
+    """Entropy in nats of each row of `probs` (softmax output, any leading shape), computed in float32 or wider.
 
     Rows that put all mass on one key give ~0; uniform rows over n keys give log n. Differentiable.
     """
