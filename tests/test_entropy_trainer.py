@@ -185,6 +185,44 @@ def test_lora_dpo_records_only_the_policy_forward(tiny_model_dir, tokenizer, dpo
     assert any("attention_entropy/regularizer" in entry for entry in trainer.state.log_history)
 
 
+@pytest.mark.parametrize(
+    "module, trainer_name, config_name, data_name, extra",
+    [
+        ("align.trainers.dco", "DCOTrainer", "DCOConfig", "sft_data", {"pass_n": 4}),
+        (
+            "align.trainers.margin",
+            "MarginPreferenceTrainer",
+            "MarginPreferenceConfig",
+            "dpo_data",
+            {"margin_loss": "ipo"},
+        ),
+    ],
+)
+def test_composes_with_align_trainers(
+    tiny_model_dir, tokenizer, cpu_args, request, module, trainer_name, config_name, data_name, extra
+):
+    trainers = pytest.importorskip(module)
+    trainer_cls, config_cls = with_entropy_regularization(
+        getattr(trainers, trainer_name), getattr(trainers, config_name)
+    )
+    args = config_cls(
+        **cpu_args,
+        **ACTIVE_PENALTY,
+        **extra,
+        max_length=128,
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=5e-2,
+    )
+    trainer = trainer_cls(
+        model=tiny_model_dir, args=args, train_dataset=request.getfixturevalue(data_name), processing_class=tokenizer
+    )
+    start = trainer.attention_entropy_parameters.threshold_logits.detach().clone()
+    trainer.train()
+    assert trainer.attention_entropy_record_counts == [NUM_LAYERS] * 2
+    assert not torch.equal(trainer.attention_entropy_parameters.threshold_logits.detach(), start)
+
+
 def test_learnable_temperature_trains_and_the_final_save_folds_it(
     tiny_model_dir, tokenizer, sft_data, cpu_args, tmp_path
 ):
