@@ -336,11 +336,12 @@ def collect_samples(
     n: int,
     output_dir: str | os.PathLike,
     *,
-    backend_factory: Callable[..., GenerationBackend] = get_backend,
+    backend_factory: Callable[..., GenerationBackend] | None = None,
 ) -> list[dict] | None:
     """Sample and grade every problem into `output_dir` (resuming, sharded over ranks); rank 0 gets the records.
 
-    `run` is a `SamplingRunArguments` (an `EvalConfig` or builder config). Other ranks return None.
+    `run` is a `SamplingRunArguments` (an `EvalConfig` or builder config); `backend_factory` defaults to
+    `get_backend` and is only called when there is something left to sample. Other ranks return None.
     """
     from align.grading import Grader
 
@@ -355,7 +356,7 @@ def collect_samples(
     mine = [problem for index, problem in enumerate(problems) if index % world == rank and problem.id not in done]
     logger.info("rank %d/%d: %d problems to sample, %d already done", rank, world, len(mine), len(done))
     if mine:
-        backend = backend_factory(backend_name, run.model, dtype=run.dtype, batch_size=run.batch_size)
+        backend = (backend_factory or get_backend)(backend_name, run.model, dtype=run.dtype, batch_size=run.batch_size)
         workers = run.grader_workers or max(1, len(os.sched_getaffinity(0)) // local_world)
         try:
             with Grader(num_workers=workers, timeout_s=run.grading_timeout) as grader:

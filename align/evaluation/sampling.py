@@ -20,6 +20,9 @@ import hashlib
 import torch
 
 
+TOP_K = 1024
+
+
 def sequence_seed(seed: int, prompt: str, sample_index: int) -> int:
     """A 63-bit seed for one sequence, a function of the run seed, the prompt text and the sample index only."""
     digest = hashlib.sha256(f"{seed}\x00{sample_index}\x00{prompt}".encode()).digest()
@@ -50,15 +53,22 @@ class SeededSampler:
         uniforms = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in self.generators])
         if self.temperature == 0:
             return scores.argmax(dim=-1)
-        probs = torch.softmax(scores.double() / self.temperature, dim=-1)
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        logits = scores.float() / self.temperature
+        log_normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)
+        # The nucleus is a prefix of the tokens sorted by probability. Sorting the whole vocabulary (~50k) every step
+        # is the slow part, so look at the top TOP_K first and sort everything only if some row's nucleus is wider.
+        top_logits, order = logits.topk(min(TOP_K, logits.shape[-1]), dim=-1)
+        sorted_probs = (top_logits - log_normalizer).double().exp()
         cumulative = sorted_probs.cumsum(dim=-1)
+        if order.shape[-1] < logits.shape[-1] and bool((cumulative[:, -1] < self.top_p).any()):
+            top_logits, order = logits.sort(dim=-1, descending=True)
+            sorted_probs = (top_logits - log_normalizer).double().exp()
+            cumulative = sorted_probs.cumsum(dim=-1)
         # keep a token if the mass before it is below top_p (so the token crossing top_p is kept, and the top one)
         keep = (cumulative - sorted_probs) < self.top_p
-        kept = sorted_probs * keep
-        kept_cumulative = kept.cumsum(dim=-1)
-        targets = uniforms.to(kept.device).unsqueeze(1) * kept_cumulative[:, -1:]
-        position = torch.searchsorted(kept_cumulative, targets, right=True).clamp_max(kept.shape[-1] - 1)
+        kept_cumulative = (sorted_probs * keep).cumsum(dim=-1)
+        targets = uniforms.to(kept_cumulative.device).unsqueeze(1) * kept_cumulative[:, -1:]
+        position = torch.searchsorted(kept_cumulative, targets, right=True)
         # never land on a dropped token (possible only through rounding at the last kept position)
         position = torch.minimum(position, keep.sum(dim=-1, keepdim=True) - 1)
         return order.gather(1, position).squeeze(1)

@@ -1,0 +1,133 @@
+"""Training rows built from a model's own graded samples (the harness's samples.jsonl records).
+
+These are what `align data coverage|pairs|outcome` write, in the columns `align.data.training.is_trainer_format`
+recognizes, so `align train <method>` with `dataset_name: OUT/<file>.jsonl` trains on them as they are:
+
+| builder    | one row per                            | columns                               | trains                |
+| ---------- | -------------------------------------- | ------------------------------------- | --------------------- |
+| `coverage` | correct sampled trace                  | id, prompt, completion, p_hat, answer | DCO                   |
+| `pairs`    | (correct, incorrect) traces, a problem | id, prompt, chosen, rejected          | margin, PRM (dpo/nca) |
+| `outcome`  | graded trace                           | id, prompt, completion, label         | PRM (ce)              |
+
+`p_hat` = c/k, the fraction of the k samples of that problem that are correct: DCO's estimate of the model's
+probability of solving it. Samples whose grading timed out are left out of pairs and outcome labels (their label is
+unknown). With the `chat` prompt style, prompts and completions are conversational (lists of messages); with
+`plain`, strings.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from align.data.prompts import DEFAULT_INSTRUCTION, plain_prompt, prompt_messages
+
+
+def _prompt(record: dict, instruction: str | None, style: str):
+    if style == "chat":
+        return prompt_messages(record["problem"], instruction)
+    return plain_prompt(record["problem"], instruction)
+
+
+def _completion(text: str, style: str):
+    # Plain-style samples are stored exactly as generated after the prompt, so no separator is added.
+    return [{"role": "assistant", "content": text}] if style == "chat" else text
+
+
+def _split(record: dict) -> tuple[list[str], list[str], int]:
+    """(correct traces, incorrect traces, number of samples with unknown label) of one record."""
+    correct = [s["completion"] for s in record["samples"] if s["verdict"] == "correct"]
+    wrong = [s["completion"] for s in record["samples"] if s["verdict"] in ("incorrect", "no_answer")]
+    return correct, wrong, len(record["samples"]) - len(correct) - len(wrong)
+
+
+def coverage_rows(
+    records: list[dict],
+    *,
+    instruction: str | None = DEFAULT_INSTRUCTION,
+    style: str = "chat",
+    references: dict[str, str] | None = None,
+) -> tuple[list[dict], dict]:
+    """One row per correct trace with p_hat = c/k; `references` (id -> reference solution) adds a p_hat = 0 row
+    with the reference solution for problems the model never solved (else they are only counted)."""
+    rows, counts = [], Counter()
+    for record in records:
+        correct, _, _ = _split(record)
+        k = len(record["samples"])
+        counts["problems"] += 1
+        if not correct:
+            counts["no_correct_sample"] += 1
+            reference = (references or {}).get(record["id"], "")
+            if references is not None and not reference.strip():
+                counts["no_reference_solution"] += 1
+                continue
+            if references is None:
+                continue
+            correct, p_hat = [reference], 0.0
+            counts["reference_rows"] += 1
+        else:
+            p_hat = len(correct) / k
+        for trace in correct:
+            rows.append(
+                {
+                    "id": record["id"],
+                    "prompt": _prompt(record, instruction, style),
+                    "completion": _completion(trace, style),
+                    "p_hat": p_hat,
+                    "answer": record["answer"],
+                }
+            )
+    counts["rows"] = len(rows)
+    return rows, dict(counts)
+
+
+def pair_rows(
+    records: list[dict], *, instruction: str | None = DEFAULT_INSTRUCTION, style: str = "chat"
+) -> tuple[list[dict], dict]:
+    """Each correct trace paired with an incorrect trace of the same problem, zipped to min(c, wrong) pairs."""
+    rows, counts = [], Counter()
+    for record in records:
+        correct, wrong, unknown = _split(record)
+        counts["problems"] += 1
+        counts["samples_with_unknown_label"] += unknown
+        if not wrong:
+            counts["skipped_all_correct" if correct else "skipped_no_labelled_sample"] += 1
+            continue
+        if not correct:
+            counts["skipped_all_wrong"] += 1
+            continue
+        for chosen, rejected in zip(correct, wrong):
+            rows.append(
+                {
+                    "id": record["id"],
+                    "prompt": _prompt(record, instruction, style),
+                    "chosen": _completion(chosen, style),
+                    "rejected": _completion(rejected, style),
+                }
+            )
+    counts["rows"] = len(rows)
+    return rows, dict(counts)
+
+
+def outcome_label_rows(
+    records: list[dict], *, instruction: str | None = DEFAULT_INSTRUCTION, style: str = "chat"
+) -> tuple[list[dict], dict]:
+    """One row per graded trace with its outcome label (True = correct)."""
+    rows, counts = [], Counter()
+    for record in records:
+        counts["problems"] += 1
+        for sample in record["samples"]:
+            if sample["verdict"] not in ("correct", "incorrect", "no_answer"):
+                counts["samples_with_unknown_label"] += 1
+                continue
+            label = sample["verdict"] == "correct"
+            counts["positive" if label else "negative"] += 1
+            rows.append(
+                {
+                    "id": record["id"],
+                    "prompt": _prompt(record, instruction, style),
+                    "completion": _completion(sample["completion"], style),
+                    "label": label,
+                }
+            )
+    counts["rows"] = len(rows)
+    return rows, dict(counts)
