@@ -1,0 +1,415 @@
+"""The pass@N harness end to end: records, resuming, config checks, PRM plug-in, re-grading, backends, sharding."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.data.loaders import load_problems
+from align.data.schema import Problem
+from align.evaluation import harness
+from align.evaluation.backends import (
+    Completion,
+    GenerationBackend,
+    HFBackend,
+    SamplingConfig,
+    get_backend,
+    resolve_backend_name,
+)
+from align.evaluation.config import EvalConfig
+from align.evaluation.harness import RunConfigMismatchError, run_eval, sample_and_grade
+from align.evaluation.records import SamplesFileError
+from align.evaluation.sampling import SeededSampler, sequence_seed
+from align.grading import Grader
+
+
+class ScriptedBackend(GenerationBackend):
+    """Returns `script(prompt)[j]` as sample j of a prompt and counts its calls (a stand-in for a model)."""
+
+    name = "scripted"
+
+    def __init__(self, script):
+        self.script, self.calls, self.prompts_seen = script, 0, []
+
+    def prompts_per_call(self, n):
+        return 2
+
+    def generate(self, prompts, sampling):
+        self.calls += 1
+        self.prompts_seen += prompts
+        return [
+            [Completion(text, len(text.split()), "stop") for text in self.script(prompt)[: sampling.n]]
+            for prompt in prompts
+        ]
+
+
+def arithmetic_script(prompt: str) -> list[str]:
+    """Synthetic level-1 problems: samples 0-1 right, 2 wrong, 3 unanswered (so pass@1 = 0.5 exactly)."""
+    a, op, b = re.search(r"(\d+) ([+-]) (\d+)", prompt).groups()
+    right = int(a) + int(b) if op == "+" else int(a) - int(b)
+    return [
+        f"So $\\boxed{{{right}}}$.",
+        f"It is $\\boxed{{{right}.0}}$.",
+        f"$\\boxed{{{right + 1}}}$",
+        "I do not know.",
+    ]
+
+
+@pytest.fixture(scope="module")
+def grader():
+    with Grader(num_workers=2, timeout_s=3.0) as pool:
+        yield pool
+
+
+def problem(pid: str, answer: str, level: int = 1, subject: str = "S") -> Problem:
+    return Problem(id=pid, problem=f"Problem {pid}", solution="", answer=answer, level=level, subject=subject)
+
+
+def test_records_hold_verdicts_answers_and_equivalence_groups(grader):
+    completions = {
+        "Problem a": [
+            "$\\boxed{0.5}$",
+            "$\\boxed{\\frac12}$",
+            "$\\boxed{0.25}$",
+            "$\\boxed{\\frac{1}{4}}$",
+            "$\\boxed{3}$",
+            "no idea",
+        ]
+    }
+    backend = ScriptedBackend(lambda prompt: completions[prompt.split("\n")[0].removeprefix("Problem: ")])
+    sampling = SamplingConfig(n=6)
+    (record,) = sample_and_grade(
+        [problem("a", "1/2")], backend, grader, sampling, prompt_style="plain", progress=False
+    )
+    verdicts = [s["verdict"] for s in record["samples"]]
+    assert verdicts == ["correct", "correct", "incorrect", "incorrect", "incorrect", "no_answer"]
+    assert [s["group"] for s in record["samples"]] == [0, 0, 1, 1, 2, None]  # 0.25 ~ 1/4, grouped by math-verify
+    assert record["num_correct"] == 2 and record["prompt"].startswith("Problem: Problem a")
+    assert record["samples"][4]["extracted"] == "3" and record["samples"][5]["extracted"] is None
+
+
+def test_resume_skips_done_problems_even_after_a_torn_write(tmp_path, grader):
+    problems = load_problems("synthetic", "test", limit=4).problems
+    path = tmp_path / "samples.jsonl"
+    sampling = SamplingConfig(n=4)
+    first = ScriptedBackend(arithmetic_script)
+    kwargs = {"prompt_style": "plain", "output_path": path, "progress": False}
+    records = sample_and_grade(problems[:3], first, grader, sampling, **kwargs)
+    assert first.calls == 2  # 3 problems, 2 per call
+    with open(path, "a") as handle:
+        handle.write('{"id": "torn", "samp')  # a run killed in the middle of writing a record
+    second = ScriptedBackend(arithmetic_script)
+    again = sample_and_grade(problems, second, grader, sampling, **kwargs)
+    assert second.calls == 1 and len(second.prompts_seen) == 1  # only the 4th problem is new
+    assert again[:3] == records
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [p.id for p in problems]
+
+
+def eval_config(output_dir, **overrides) -> EvalConfig:
+    fields = dict(
+        dataset="synthetic",
+        limit=3,
+        n=4,
+        max_new_tokens=8,
+        backend="hf",
+        output_dir=str(output_dir),
+        progress=False,
+        grader_workers=1,
+    )
+    return EvalConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """`align eval` of the tiny model: n=4 on 3 synthetic problems (shared by the tests below)."""
+    output_dir = tmp_path_factory.mktemp("tiny-eval")
+    summary = run_eval(eval_config(output_dir, model=tiny_model_dir))
+    return output_dir, summary
+
+
+def test_eval_writes_samples_summary_and_plot(tiny_run):
+    output_dir, summary = tiny_run
+    assert {"samples.jsonl", "summary.json", "passk.png", "run_config.json"} <= {p.name for p in output_dir.iterdir()}
+    records = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(records) == 3 and all(len(r["samples"]) == 4 for r in records)
+    assert summary["ks"] == [1, 2, 4] and set(summary["metrics"]) == {
+        f"{m}@{k}" for m in ("pass", "maj") for k in (1, 2, 4)
+    }
+    assert summary["samples"]["total"] == 12 and summary["by_level"]["1"]["num_problems"] == 3
+    assert summary["sampling"] == {"n": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8, "seed": 0}
+    assert summary["versions"]["torch"] == torch.__version__.split("+")[0] or summary["versions"]["torch"]
+    assert json.loads((output_dir / "summary.json").read_text()) == summary
+
+
+def test_rerun_generates_nothing_and_reproduces_the_summary(tiny_run, tiny_model_dir, monkeypatch):
+    output_dir, summary = tiny_run
+    before = (output_dir / "summary.json").read_bytes()
+    created = []
+    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: created.append(a) or get_backend(*a, **k))
+    assert run_eval(eval_config(output_dir, model=tiny_model_dir)) == summary
+    assert created == []  # nothing left to sample: the model is not even loaded
+    assert (output_dir / "summary.json").read_bytes() == before
+
+
+def test_rerun_with_other_sampling_settings_is_refused(tiny_run, tiny_model_dir):
+    output_dir, _ = tiny_run
+    with pytest.raises(RunConfigMismatchError, match=r"sampling\.temperature: 0\.6 \(existing\) vs 1\.0 \(now\)"):
+        run_eval(eval_config(output_dir, model=tiny_model_dir, temperature=1.0))
+
+
+class OracleScorer:
+    """Scores 1 for a completion holding the gold answer, else 0; steps = its blank-line separated parts."""
+
+    def __init__(self, gold_by_prompt):
+        self.gold_by_prompt, self.calls = gold_by_prompt, 0
+
+    def score(self, prompts, completions, aggregate="min"):
+        self.calls += 1
+        results = []
+        for prompt, completion in zip(prompts, completions):
+            good = f"\\boxed{{{self.gold_by_prompt[prompt]}}}" in completion
+            steps = [float(good)] * len(completion.split("\n\n"))
+            results.append(types.SimpleNamespace(score=float(good), step_rewards=steps))
+        return results
+
+
+class ConstantScorer:
+    def score(self, prompts, completions, aggregate="min"):
+        return [types.SimpleNamespace(score=0.0, step_rewards=[0.0]) for _ in completions]
+
+
+def scripted_eval(tmp_path, monkeypatch, scorer, **overrides):
+    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
+    monkeypatch.setattr(harness, "load_scorer", lambda *a, **k: scorer)
+    config = eval_config(tmp_path, limit=6, prompt_style="plain", prm="any/prm", **overrides)
+    return config, run_eval(config)
+
+
+def test_a_prm_adds_best_of_n_and_weighted_majority(tmp_path, monkeypatch):
+    problems = load_problems("synthetic", "test", limit=6).problems
+    gold = {harness.render_prompt(p.problem, None, style="plain"): p.answer for p in problems}
+    _, summary = scripted_eval(tmp_path, monkeypatch, OracleScorer(gold))
+    metrics = summary["metrics"]
+    assert metrics["pass@1"] == pytest.approx(0.5)
+    assert metrics["bon@4"] == pytest.approx(1.0) == metrics["pass@4"]  # an oracle scorer picks a right sample
+    assert metrics["weighted_maj@4"] == pytest.approx(1.0)
+    assert summary["prm"]["aggregate"] == "min"
+    record = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert [s["score"] for s in record["samples"]] == [1.0, 0.0, 0.0, 0.0]  # "42.0" is right but not "\boxed{42}"
+    assert all("step_rewards" in s for s in record["samples"])
+
+
+def test_a_constant_scorer_is_a_random_choice(tmp_path, monkeypatch):
+    _, summary = scripted_eval(tmp_path, monkeypatch, ConstantScorer())
+    for k in (1, 2, 4):
+        assert summary["metrics"][f"bon@{k}"] == pytest.approx(summary["metrics"]["pass@1"])
+
+
+def test_prm_without_the_prm_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "align.prm", None)
+    with pytest.raises(ImportError, match="--prm needs align.prm"):
+        harness.load_scorer("some/prm")
+
+
+def test_regrading_samples_produced_elsewhere(tmp_path, monkeypatch):
+    source = tmp_path / "theirs.jsonl"
+    rows = [
+        {"id": "q1", "answer": "4", "completions": ["$\\boxed{4}$", "$\\boxed{5}$"], "level": 2},
+        {"id": "q2", "answer": "\\frac12", "samples": [{"completion": "$\\boxed{0.5}$"}, {"completion": "?"}]},
+    ]
+    source.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    out = tmp_path / "regraded"
+    summary = run_eval(EvalConfig(samples=str(source), output_dir=str(out), progress=False, grader_workers=1))
+    assert summary["metrics"]["pass@1"] == pytest.approx(0.5) and summary["metrics"]["pass@2"] == 1.0
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["verdict"] for s in records[1]["samples"]] == ["correct", "no_answer"]
+    assert (out / "passk.png").exists()
+    source.write_text(json.dumps({"id": "q3", "completions": ["x"]}) + "\n")
+    with pytest.raises(SamplesFileError, match="line 1, field 'answer'"):
+        run_eval(EvalConfig(samples=str(source), output_dir=str(out), progress=False))
+
+
+def test_hf_backend_samples_do_not_depend_on_batching(tiny_model_dir):
+    backend = HFBackend(tiny_model_dir, batch_size=7)
+    prompts = ["<|im_start|>user\nWhat is 3 + 4?<|im_end|>\n<|im_start|>assistant\n", "Solve 2x = 8 for x, please."]
+    sampling = SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=5)
+    batched = backend.generate(prompts, sampling)
+    backend.batch_size = 1
+    single = backend.generate(prompts[::-1], sampling)[::-1]
+    assert [[c.text for c in row] for row in batched] == [[c.text for c in row] for row in single]
+    assert len({c.text for c in batched[0]}) > 1  # samples of one prompt differ
+    for row in batched:
+        for c in row:
+            assert c.finish_reason in ("stop", "length") and 1 <= c.num_tokens <= 10
+            assert (c.num_tokens == 10) or c.finish_reason == "stop"
+    other_seed = backend.generate(prompts, SamplingConfig(n=3, temperature=1.0, top_p=0.9, max_new_tokens=10, seed=6))
+    assert [c.text for c in other_seed[0]] != [c.text for c in batched[0]]
+
+
+def test_greedy_decoding_matches_transformers(tiny_model_dir):
+    backend = HFBackend(tiny_model_dir, batch_size=4)
+    prompt = "What is 12 + 7? First add the tens."
+    (row,) = backend.generate([prompt], SamplingConfig(n=2, temperature=0.0, max_new_tokens=12))
+    ids = backend.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        reference = backend.model.generate(**ids, do_sample=False, max_new_tokens=12, pad_token_id=0)
+    expected = backend.tokenizer.decode(reference[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert row[0].text == row[1].text == expected
+
+
+def test_seeded_sampler_draws_from_the_nucleus_distribution():
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+    temperature, top_p = 0.8, 0.9
+    probs = torch.softmax(logits[0].double() / temperature, dim=-1)
+    keep = (probs.cumsum(0) - probs) < top_p  # sorted already: the nucleus is a prefix
+    expected = torch.where(keep, probs, torch.zeros_like(probs))
+    expected = expected / expected.sum()
+    seeds = [sequence_seed(0, "p", j) for j in range(20000)]
+    draws = SeededSampler(seeds, temperature, top_p).choose(logits.expand(len(seeds), -1))
+    frequencies = torch.bincount(draws, minlength=6).double() / len(seeds)
+    assert torch.allclose(frequencies, expected, atol=0.012), (frequencies, expected)
+    assert frequencies[~keep].sum() == 0
+    again = SeededSampler(seeds[:50], temperature, top_p).choose(logits.expand(50, -1))
+    assert torch.equal(again, draws[:50])
+
+
+def test_backend_choice(monkeypatch):
+    monkeypatch.setattr("align.evaluation.backends.vllm_available", lambda: False)
+    assert resolve_backend_name("auto") == "hf"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend_name("tgi")
+    with pytest.raises(ImportError, match="use --backend hf"):
+        get_backend("vllm", "m")
+
+
+def install_fake_vllm(monkeypatch):
+    """A stand-in for the parts of vLLM the backend uses (LLM, SamplingParams, LoRARequest), recording calls."""
+    calls = {}
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    class LLM:
+        def __init__(self, **kwargs):
+            calls["llm"] = kwargs
+
+        def generate(self, prompts, params, use_tqdm, lora_request):
+            calls["params"] = [p.kwargs for p in params]
+            calls["lora_request"] = lora_request
+            outputs = []
+            for prompt, p in zip(prompts, params):
+                choices = [
+                    types.SimpleNamespace(
+                        text=f"{prompt}#{j}", token_ids=[1] * (j + 1), finish_reason="stop" if j else "length"
+                    )
+                    for j in range(p.kwargs["n"])
+                ]
+                outputs.append(types.SimpleNamespace(outputs=choices))
+            return outputs
+
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    lora = types.ModuleType("vllm.lora.request")
+    lora.LoRARequest = lambda name, number, path: ("lora", name, number, path)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
+    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
+    monkeypatch.setattr("align.evaluation.backends.vllm_available", lambda: True)
+    return calls
+
+
+def test_vllm_backend_maps_sampling_and_outputs(monkeypatch, tiny_model_dir):
+    calls = install_fake_vllm(monkeypatch)
+    backend = get_backend("vllm", tiny_model_dir, dtype="bfloat16", batch_size=64, max_model_len=512)
+    sampling = SamplingConfig(n=3, temperature=0.6, top_p=0.95, max_new_tokens=32, seed=1)
+    rows = backend.generate(["p1", "p2"], sampling)
+    assert calls["llm"] == {
+        "model": tiny_model_dir,
+        "tokenizer": tiny_model_dir,
+        "dtype": "bfloat16",
+        "max_model_len": 512,
+    }
+    assert [c.text for c in rows[1]] == ["p2#0", "p2#1", "p2#2"]
+    assert [(c.num_tokens, c.finish_reason) for c in rows[0]] == [(1, "length"), (2, "stop"), (3, "stop")]
+    first = calls["params"][0]
+    assert {k: first[k] for k in ("n", "temperature", "top_p", "max_tokens")} == {
+        "n": 3,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "max_tokens": 32,
+    }
+    assert first["seed"] != calls["params"][1]["seed"]  # per-prompt seeds: independent of batching and sharding
+    assert backend.prompts_per_call(3) == 64 and calls["lora_request"] is None
+
+
+def test_vllm_backend_serves_a_peft_adapter_as_lora(monkeypatch, tiny_model_dir, tmp_path):
+    calls = install_fake_vllm(monkeypatch)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": tiny_model_dir, "r": 16}))
+    backend = get_backend("vllm", str(adapter))
+    backend.generate(["p"], SamplingConfig(n=1))
+    assert (
+        calls["llm"]["model"] == tiny_model_dir and calls["llm"]["enable_lora"] and calls["llm"]["max_lora_rank"] == 16
+    )
+    assert calls["lora_request"] == ("lora", "align-adapter", 1, str(adapter))
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_single_process_summary(tiny_run, tiny_model_dir, tmp_path):
+    output_dir, single = tiny_run
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "align.cli",
+        "eval",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        "synthetic",
+        "--limit",
+        "3",
+        "--n",
+        "4",
+        "--max_new_tokens",
+        "8",
+        "--backend",
+        "hf",
+        "--grader_workers",
+        "1",
+        "--progress",
+        "false",
+        "--output_dir",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    double = json.loads((tmp_path / "summary.json").read_text())
+    assert not list(Path(tmp_path).glob("samples.part-*"))  # merged into samples.jsonl
+    for summary in (single, double):
+        summary.pop("timing")
+    assert double == single
+    ours = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    theirs = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
+    assert [[s["completion"] for s in r["samples"]] for r in ours] == [
+        [s["completion"] for s in r["samples"]] for r in theirs
+    ]

@@ -1,0 +1,170 @@
+"""Loaders: rows shaped like each Hub dataset normalize to the schema; bad rows fail clearly or are counted."""
+
+import json
+
+import pytest
+
+from align.data.answers import last_boxed, split_gsm8k_answer
+from align.data.loaders import (
+    HUB_SOURCES,
+    DatasetUnavailableError,
+    load_problems,
+    parse_column_mapping,
+    problems_from_rows,
+)
+from align.data.schema import InvalidRowError
+
+
+# One row as each Hub dataset publishes it (columns and value types copied from the dataset cards).
+MATH500_ROW = {
+    "problem": "What is $1+1$?",
+    "solution": "We add.\n\nSo $1+1=\\boxed{2}$.",
+    "answer": "2",
+    "subject": "Prealgebra",
+    "level": 1,
+    "unique_id": "test/prealgebra/1.json",
+}
+HENDRYCKS_ROW = {
+    "problem": "Simplify $\\frac{2}{4}$.",
+    "level": "Level 2",
+    "type": "Prealgebra",
+    "solution": "Divide both by 2: $\\boxed{\\frac{1}{2}}$.",
+}
+LIGHTEVAL_ROW = {  # DigitalLearningGmbH/MATH-lighteval: same columns as hendrycks
+    "problem": "Find $x$ if $x+3=5$.",
+    "level": "Level 1",
+    "type": "Algebra",
+    "solution": "Subtract 3: $x=\\boxed{2}$ and $\\fbox{not this}$ is not it... actually $\\boxed{2}$.",
+}
+GSM8K_ROW = {
+    "question": "Tom has 3 apples and buys 1,200 more. How many apples does he have?",
+    "answer": "He has 3 + 1200 = <<3+1200=1203>>1203 apples.\n#### 1,203",
+}
+
+
+def load_rows(rows, source="hub", row_format="auto", mapping=None, **kwargs):
+    return problems_from_rows(rows, source, column_mapping=mapping, row_format=row_format, **kwargs)
+
+
+def test_last_boxed_handles_nesting_fbox_and_bare_forms():
+    assert last_boxed("a $\\boxed{1}$ then $\\boxed{\\frac{1}{2}}$") == "\\frac{1}{2}"
+    assert last_boxed("$\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}$") == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert last_boxed("so \\fbox{7}") == "7"
+    assert last_boxed("the answer is $\\boxed 5$.") == "5"
+    assert last_boxed("no answer here") is None
+    assert last_boxed("unclosed \\boxed{12") is None
+
+
+def test_split_gsm8k_answer():
+    work, final = split_gsm8k_answer(GSM8K_ROW["answer"])
+    assert final == "1203"
+    assert "<<" not in work and work == "He has 3 + 1200 = 1203 apples."
+    assert split_gsm8k_answer("no marker") is None
+
+
+def test_math500_rows():
+    hub = HUB_SOURCES["math500"]
+    (problem,) = load_rows([MATH500_ROW], row_format=hub.row_format, mapping=hub.column_mapping).problems
+    assert (problem.id, problem.answer, problem.level, problem.subject) == (
+        "test/prealgebra/1.json",
+        "2",
+        1,
+        "Prealgebra",
+    )
+
+
+@pytest.mark.parametrize("row", [HENDRYCKS_ROW, LIGHTEVAL_ROW])
+def test_math_rows_take_the_last_boxed_answer(row):
+    hub = HUB_SOURCES["math"]
+    loaded = problems_from_rows(
+        [row], "math[test]", column_mapping=hub.column_mapping, row_format="math", id_prefix="math-test"
+    )
+    (problem,) = loaded.problems
+    assert problem.answer == {HENDRYCKS_ROW["problem"]: "\\frac{1}{2}", LIGHTEVAL_ROW["problem"]: "2"}[row["problem"]]
+    assert problem.level == int(row["level"].split()[-1])
+    assert problem.subject == row["type"]
+    assert problem.id == "math-test-0"
+
+
+def test_gsm8k_rows_become_math_style_problems():
+    (problem,) = load_rows([GSM8K_ROW], row_format="gsm8k", id_prefix="gsm8k-test").problems
+    assert problem.problem == GSM8K_ROW["question"]
+    assert problem.answer == "1203"
+    assert problem.solution.endswith("The answer is $\\boxed{1203}$.")
+    assert problem.id == "gsm8k-test-0"
+
+
+def test_auto_row_format_recognizes_each_shape():
+    problems = load_rows([MATH500_ROW, HENDRYCKS_ROW, GSM8K_ROW], mapping={"subject": "subject"}).problems
+    assert [p.answer for p in problems] == ["2", "\\frac{1}{2}", "1203"]
+
+
+def test_local_files_of_each_format(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [MATH500_ROW, MATH500_ROW | {"unique_id": "b"}]) + "\n")
+    loaded = load_problems(str(path), limit=1)
+    assert [p.id for p in loaded.problems] == ["test/prealgebra/1.json"]
+    parquet = tmp_path / "rows.parquet"
+    import pandas as pd
+
+    pd.DataFrame([{"question": "2+2?", "final": 4}]).to_parquet(parquet)
+    (problem,) = load_problems(str(parquet), column_mapping="problem=question,answer=final").problems
+    assert (problem.problem, problem.answer, problem.id) == ("2+2?", "4", "rows-0")
+
+
+@pytest.mark.parametrize("name", ["math500", "math", "gsm8k", "someone/some-dataset"])
+def test_hub_datasets_offline_fail_with_a_clear_error(name, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailableError, match="pass a local copy instead") as error:
+        load_problems(name, "test", limit=3)
+    assert "--dataset path/to/" in str(error.value)
+
+
+def test_missing_local_file_and_unknown_names():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_problems("nope/missing.jsonl")
+    with pytest.raises(ValueError, match="Unknown dataset 'mathh'"):
+        load_problems("mathh")
+
+
+BAD_ROWS = [
+    ({"answer": "1"}, "field 'problem'", "missing required field"),
+    ({"problem": "", "answer": "1"}, "field 'problem'", "is empty"),
+    ({"problem": "p", "answer": ["1"]}, "field 'answer'", "expected a string"),
+    ({"problem": "p", "solution": "no box here"}, "field 'solution'", "has no \\\\boxed"),
+    ({"problem": "p", "answer": "1", "level": "hard"}, "field 'level'", "expected an int"),
+    ("not an object", "field '<row>'", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize(("row", "field", "reason"), BAD_ROWS)
+def test_bad_rows_name_the_row_field_and_reason(row, field, reason):
+    rows = [MATH500_ROW, row]
+    with pytest.raises(InvalidRowError, match=f"row 1, {field}") as error:
+        load_rows(rows, source="data.jsonl")
+    assert reason.replace("\\\\", "\\") in str(error.value)
+
+
+def test_skip_invalid_counts_every_skipped_row():
+    rows = [MATH500_ROW] + [row for row, _, _ in BAD_ROWS] + [MATH500_ROW | {"unique_id": "z"}]
+    loaded = load_rows(rows, skip_invalid=True)
+    assert len(loaded.problems) == 2
+    assert loaded.skipped == len(BAD_ROWS) == len(loaded.skipped_reasons)
+    assert "row 1" in loaded.skipped_reasons[0]
+
+
+def test_column_mapping_parsing():
+    assert parse_column_mapping("problem=question, answer=final") == {"problem": "question", "answer": "final"}
+    assert parse_column_mapping(None) == {}
+    with pytest.raises(ValueError, match="FIELD=COLUMN"):
+        parse_column_mapping("problem")
+    with pytest.raises(ValueError, match="unknown field 'questoin'"):
+        parse_column_mapping("questoin=q")
+
+
+def test_synthetic_still_loads_through_the_same_entry_point():
+    loaded = load_problems("synthetic", "test", limit=4, synthetic_levels=(1, 2))
+    assert [p.level for p in loaded.problems] == [1, 2, 1, 2]
+    with pytest.raises(ValueError, match="pass a limit"):
+        load_problems("synthetic")
