@@ -43,7 +43,7 @@ class _RowEntropy(torch.autograd.Function):
     Autograd through `p * log(p)` would keep a second (batch, heads, queries, keys) tensor, `log p`, alive until the
     backward; here the backward recomputes it from `p`, which the softmax and the value product keep anyway (the same
     tensor, so no extra memory). Where p = 0 (masked keys) the gradient -(log p + 1) is infinite, but the softmax
-    backward multiplies it by p = 0; it is set to a finite value so that product is 0 instead of NaN.
+    backward multiplies it by p = 0; log p is clamped at the smallest normal float so that product is 0, not NaN.
     """
 
     @staticmethod
@@ -55,9 +55,11 @@ class _RowEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_entropy: torch.Tensor) -> torch.Tensor:
         (probs,) = ctx.saved_tensors
-        p = probs.to(_at_least_float32(probs.dtype))
-        log_p = torch.where(p > 0, torch.log(p), torch.zeros((), dtype=p.dtype, device=p.device))
-        return (-(log_p + 1) * grad_entropy.unsqueeze(-1)).to(probs.dtype)
+        dtype = _at_least_float32(probs.dtype)
+        # One full-size temporary, updated in place: -(log max(p, tiny) + 1) * grad
+        grad = probs.to(dtype, copy=True).clamp_min_(torch.finfo(dtype).tiny)
+        grad.log_().add_(1).mul_(-grad_entropy.unsqueeze(-1).to(dtype))
+        return grad.to(probs.dtype)
 
 
 def row_entropy(probs: torch.Tensor) -> torch.Tensor:

@@ -301,6 +301,31 @@ def _check_temperature_support(trainer, policy: nn.Module) -> None:
             )
 
 
+def attention_entropy_penalty(
+    records: list, thresholds: torch.Tensor, settings: EntropyRegularizationArguments
+) -> torch.Tensor:
+    """L_entropy: the mean over recorded layers of each layer's band penalty (itself a mean over heads).
+
+    `thresholds` is the (layers, heads) theta table; `settings` supplies the normalization, tolerance and convention.
+    """
+    penalties = []
+    for record in records:
+        units, max_units, weights = entropy_units(
+            record.entropy, record.valid_rows, record.visible_keys, settings.attention_entropy_normalization
+        )
+        penalties.append(
+            entropy_band_penalty(
+                units,
+                max_units,
+                weights,
+                thresholds[record.layer],
+                settings.attention_entropy_tolerance,
+                settings.attention_entropy_convention,
+            )
+        )
+    return torch.stack(penalties).mean()
+
+
 class _HeatmapCallback(TrainerCallback):
     """Writes the heatmap every `attention_entropy_log_steps` optimizer steps (all ranks call, rank 0 writes)."""
 
@@ -412,22 +437,7 @@ class EntropyRegularizationMixin:
         extra, scalars = None, {}
         if settings.attention_entropy_coef > 0:
             thresholds = self.attention_entropy_parameters.thresholds()
-            penalties = []
-            for record in records:
-                units, max_units, weights = entropy_units(
-                    record.entropy, record.valid_rows, record.visible_keys, settings.attention_entropy_normalization
-                )
-                penalties.append(
-                    entropy_band_penalty(
-                        units,
-                        max_units,
-                        weights,
-                        thresholds[record.layer],
-                        settings.attention_entropy_tolerance,
-                        settings.attention_entropy_convention,
-                    )
-                )
-            penalty = torch.stack(penalties).mean()
+            penalty = attention_entropy_penalty(records, thresholds, settings)
             extra = settings.attention_entropy_coef * penalty / divisor
             scalars["attention_entropy/penalty"] = penalty.detach()
             scalars["attention_entropy/regularizer"] = settings.attention_entropy_coef * penalty.detach()

@@ -1,0 +1,152 @@
+"""Training-step cost of entropy-regularized attention on SmolLM2-135M-Instruct: regularized vs sdpa vs eager.
+
+One full fine-tuning step (TRL's fused-LM-head forward, backward, AdamW) on the same model, batch and seed, for:
+
+- `sdpa`: the baseline every TRL trainer uses by default;
+- `eager`: eager attention (what any attention-weight method needs without a custom kernel);
+- `regularized`: `entropy_eager` with the trainer's per-step work: the recorder, the band penalty with learnable
+  thresholds (`align.trainers.entropy.attention_entropy_penalty`), the per-(layer, head) statistics and the output
+  log Z probe.
+
+Variants are interleaved (benchmarks.common.interleaved); one JSON line per sequence length with the step-time
+ratios against sdpa and each variant's peak RSS above its start. A last JSON line profiles one regularized step at
+the longest length: where the time goes, and the share a fused entropy-aware attention kernel could remove.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.common import cpu_threads, emit, interleaved, ratio
+
+
+SEQUENCE_LENGTHS = (256, 512)
+BATCH_SIZE = 2
+
+
+def _batch(tokenizer, length: int) -> dict:
+    """`BATCH_SIZE` rows of `length` real tokens of synthetic MATH-style text (no padding)."""
+    from align.data.synthetic import generate_problems
+
+    text = "\n\n".join(p.problem + "\n" + p.solution for p in generate_problems(400, "train", levels=[1, 2, 3]))
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < BATCH_SIZE * length:
+        raise SystemExit(f"not enough synthetic text for {BATCH_SIZE} x {length} tokens")
+    input_ids = ids[: BATCH_SIZE * length].view(BATCH_SIZE, length)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def _setup():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from align.diagnostics.attention import OutputLogZProbe
+    from align.models import DEFAULT_MODEL, resolve_model_path
+    from align.trainers.entropy import AttentionEntropyParameters, EntropyRegularizationArguments
+
+    path = resolve_model_path(DEFAULT_MODEL)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.train()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # what SFTTrainer computes
+    config = model.config
+    thresholds = AttentionEntropyParameters(config.num_hidden_layers, config.num_attention_heads, 0.5, False)
+    settings = EntropyRegularizationArguments(attention_entropy_coef=1e-3)
+    optimizer = torch.optim.AdamW([*model.parameters(), *thresholds.parameters()], lr=1e-7)
+    probe = OutputLogZProbe(model)
+    return tokenizer, model, thresholds, settings, optimizer, probe
+
+
+def main(repeats: int = 3) -> list[dict]:
+    from align.diagnostics.attention import ATTENTION_IMPLEMENTATION, AttentionEntropyRecorder, HeadEntropyAccumulator
+    from align.trainers.entropy import attention_entropy_penalty
+
+    tokenizer, model, thresholds, settings, optimizer, _probe = _setup()
+    config = model.config
+    recorder = AttentionEntropyRecorder()
+
+    def plain_step(implementation: str, batch: dict):
+        model.set_attn_implementation(implementation)
+        loss = -model(**batch, fused_lm_head=True).log_probs.mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def regularized_step(batch: dict):
+        model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        with recorder:
+            loss = -model(**batch, fused_lm_head=True).log_probs.mean()
+        records = recorder.layer_records()
+        loss = loss + settings.attention_entropy_coef * attention_entropy_penalty(
+            records, thresholds.thresholds(), settings
+        )
+        HeadEntropyAccumulator(config.num_hidden_layers, config.num_attention_heads).add(records)  # metrics
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    results = []
+    for length in SEQUENCE_LENGTHS:
+        batch = _batch(tokenizer, length)
+        timings = interleaved(
+            {
+                "sdpa": lambda b=batch: plain_step("sdpa", b),
+                "eager": lambda b=batch: plain_step("eager", b),
+                "regularized": lambda b=batch: regularized_step(b),
+            },
+            repeats=repeats,
+        )
+        sdpa = timings["sdpa"]["median_s"]
+        results.append(
+            emit(
+                "attention_entropy",
+                model="smollm2-135m-instruct",
+                batch_size=BATCH_SIZE,
+                seq_len=length,
+                threads=cpu_threads(),
+                step_s={name: t["median_s"] for name, t in timings.items()},
+                ratio_vs_sdpa={name: ratio(t["median_s"], sdpa) for name, t in timings.items()},
+                target_ratio_vs_sdpa=1.3,
+                meets_target=timings["regularized"]["median_s"] <= 1.3 * sdpa,
+                peak_rss_mib={name: t["peak_rss_mib"] for name, t in timings.items()},
+                times_s={name: t["times_s"] for name, t in timings.items()},
+                note="full fine-tuning step: fused-LM-head forward + backward + AdamW, fp32, CPU",
+            )
+        )
+    results.append(_profile(regularized_step, _batch(tokenizer, SEQUENCE_LENGTHS[-1]), SEQUENCE_LENGTHS[-1]))
+    return results
+
+
+def _profile(step, batch: dict, length: int) -> dict:
+    """Self-CPU time of one regularized step by operator group."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step(batch)  # warm
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(batch)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    by_name = {e.key: e for e in events}
+
+    def share(*names: str) -> float:
+        return round(sum(by_name[n].self_cpu_time_total for n in names if n in by_name) / total, 4)
+
+    return emit(
+        "attention_entropy_profile",
+        seq_len=length,
+        batch_size=BATCH_SIZE,
+        step_cpu_s=round(total / 1e6, 3),
+        # `attention_entropy` wraps the forward-only extra work in entropy_eager: row entropies + recorded stats
+        entropy_forward_share=round(
+            by_name["attention_entropy"].cpu_time_total / total if "attention_entropy" in by_name else 0.0, 4
+        ),
+        entropy_backward_share=share("_RowEntropyBackward"),
+        softmax_share=share("aten::_softmax", "aten::_softmax_backward_data"),
+        top_ops=[{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 4)} for e in top],
+    )
+
+
+if __name__ == "__main__":
+    main()
