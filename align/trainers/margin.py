@@ -222,6 +222,13 @@ class MarginPreferenceTrainer(DPOTrainer):
                     "DeepSpeed ZeRO-3 and FSDP shard away. Use DDP or ZeRO-1/2 (with LoRA for large models), or turn "
                     "them off."
                 )
+            checkpointing_kwargs = config.gradient_checkpointing_kwargs or {}
+            if config.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
+                raise ValueError(
+                    "entanglement_steps > 0 and normalize_pair_gradients take per-pair gradients with "
+                    "torch.autograd.grad, which reentrant activation checkpointing does not support. Set "
+                    "`gradient_checkpointing_kwargs: {use_reentrant: false}` (the default) or turn checkpointing off."
+                )
             self._selected_params = [p for _, p in select_parameters(self.model, config.entanglement_params)]
         if config.entanglement_steps > 0:
             self._monitor = EntanglementMonitor(
