@@ -3,6 +3,7 @@ first-order sign predictions against measured Δlog π, the normalized update, e
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -386,13 +387,17 @@ if trainer.accelerator.is_main_process:
 """
 
 
+@pytest.mark.distributed
 def test_ddp_gathers_every_rank_pairs(tiny_model_dir, tmp_path):
     """Two CPU processes (gloo): each rank diagnoses its own pairs, rank 0 writes both; parameters stay in sync."""
     script = tmp_path / "ddp_margin.py"
     script.write_text(_DDP_SCRIPT)
     output_dir = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+    with socket.socket() as probe:  # a free port: other test files may launch process groups at the same time
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     proc = subprocess.run(
         [*command, str(script), tiny_model_dir, str(output_dir)], capture_output=True, text=True, env=env, timeout=300
     )

@@ -23,6 +23,7 @@ Reference-free losses (SimPO, CPO) skip the reference forward: the batch carries
 from __future__ import annotations
 
 import re
+import textwrap
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -202,6 +203,17 @@ class MarginPreferenceTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "align", "margin"]
     _name = "MarginPreference"
+    _paper = {
+        "title": "A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement",
+        "id": "2410.13828",
+        "citation": textwrap.dedent("""\
+            @article{yuan2024common,
+                title   = {{A Common Pitfall of Margin-based Language Model Alignment: Gradient Entanglement}},
+                author  = {Hui Yuan and Yifan Zeng and Yue Wu and Huazheng Wang and Mengdi Wang and Liu Leqi},
+                year    = 2024,
+                journal = {arXiv preprint arXiv:2410.13828},
+            }"""),
+    }
     # The loss is a mean over the micro-batch's pairs, like TRL's DPO loss: Trainer divides it by the number of
     # gradient-accumulation steps.
     loss_is_scaled_for_ga = False
