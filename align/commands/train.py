@@ -40,6 +40,12 @@ METHODS: dict[str, Method] = {
         "sft",
         "Direct Coverage Optimization: pass@N loss -log(1-(1-p̂)^N) that limits over-confidence (sequence/step/p̂)",
     ),
+    "prm": Method(
+        "align.trainers.implicit_prm:ImplicitPRMConfig",
+        "align.trainers.implicit_prm:ImplicitPRMTrainer",
+        lambda config: "outcome" if config.objective == "ce" else "preference",
+        "implicit PRM: outcome reward β·log π/π_ref (ce on labels, dpo/nca on pairs); step rewards for free",
+    ),
 }
 
 

@@ -1,0 +1,461 @@
+"""Implicit process rewards: per-token log-ratios -> steps -> one score per completion.
+
+A model trained as an outcome reward r = β·log π_θ(y)/π_ref(y) (`align train prm`) is a process reward model for
+free (Yuan et al. 2024, "Free Process Rewards without Process Labels", §3): the reward of step k is the sum of
+β·log π_θ/π_ref over the step's tokens, r^k = q^k − q^(k−1), with q^k the cumulative log-ratio where step k ends.
+
+    scorer = ImplicitPRM.from_pretrained("runs/prm")          # a LoRA adapter dir: the reference is its base
+    [result] = scorer.score([rendered_prompt], [completion], aggregate="min")
+    result.score, result.step_rewards, result.q_values, result.steps
+
+How a completion is scored:
+1. `prompt + completion + end-of-turn` is tokenized in one piece, as the trainer did (TRL tokenizes the whole
+   conversation; the end-of-turn text of the chat template, or EOS for plain prompts, closes the completion during
+   training, so its log-ratio is part of the outcome reward and of the last step, as in the reference code).
+2. Steps are character spans of the completion: split after each run of `step_separator` ("\\n\\n" by default,
+   the separator belongs to the step it ends), or after each match of the regex `step_pattern` (a lookahead such as
+   `(?=Step \\d+:)` starts a step at each header), or given explicitly as character offsets where steps end.
+3. Character spans become token spans through the tokenizer's offset mapping: a token belongs to the step holding
+   its last character, so a token merged across a boundary (".\\n\\nThe") is counted once, in the step whose text
+   it completes, and q^k never includes text of a later step.
+4. The policy and the reference each run once per padded batch (right padding, so causal attention keeps every real
+   token's log-prob independent of its batch mates), through TRL's fused LM head (no (batch, length, vocab) logits).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from align.losses.implicit_reward import AGGREGATES, aggregate_step_rewards, process_rewards, token_rewards
+
+
+logger = logging.getLogger("align.prm")
+
+DEFAULT_BETA = 0.05
+DEFAULT_STEP_SEPARATOR = "\n\n"
+# Written next to a trained PRM by `align train prm`, read back by `ImplicitPRM.from_pretrained`.
+SETTINGS_FILE = "implicit_prm.json"
+_TEMPLATE_MARKER = "ALIGN_END_OF_COMPLETION_MARKER"
+
+
+@dataclass
+class StepScore:
+    """The implicit PRM's view of one completion. Spans are [start, end) offsets into `text`."""
+
+    score: float  # the requested aggregate of `step_rewards`
+    step_rewards: list[float]  # r^k = q^k − q^(k−1)
+    q_values: list[float]  # q^k, cumulative up to the end of step k
+    outcome_reward: float  # Σ_k r^k = q^n = β·log π_θ(y)/π_ref(y)
+    steps: list[str]  # the text of each step (the last one includes the end-of-turn text)
+    step_spans: list[tuple[int, int]]  # character span of each step in `text`
+    step_token_spans: list[tuple[int, int]]  # [first, last) index into `token_rewards` of each step
+    token_rewards: list[float]  # β·log π_θ/π_ref of each scored token
+    token_spans: list[tuple[int, int]]  # character span of each scored token in `text`
+    text: str  # completion + end-of-turn text: what was scored after the prompt
+    aggregate: str = "min"
+    truncated: bool = False  # the sequence exceeded `max_length`; steps past it were dropped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Segmentation:
+    """A tokenized prompt + completion and the completion's steps, before any model runs."""
+
+    input_ids: list[int]  # prompt + completion (+ end-of-turn) tokens
+    completion_start: int  # index in input_ids of the first scored (completion) token
+    token_spans: list[tuple[int, int]]  # character span in `text` of each completion token
+    step_spans: list[tuple[int, int]]  # character span in `text` of each step
+    step_ends: list[int]  # exclusive boundaries into the completion tokens: step k is [ends[k-1], ends[k])
+    text: str  # completion + end-of-turn text
+    truncated: bool = False
+
+
+def step_char_spans(
+    text: str, separator: str | None = DEFAULT_STEP_SEPARATOR, pattern: str | None = None
+) -> list[tuple[int, int]]:
+    """Contiguous [start, end) spans covering `text`, one per step (at least one, even for empty text).
+
+    A step ends after each run of the literal `separator`, or, when `pattern` is given, after each regex match.
+    Boundaries at the very start or end of the text do not create empty steps.
+    """
+    if pattern is None and not separator:
+        return [(0, len(text))]
+    regex = re.compile(pattern if pattern is not None else f"(?:{re.escape(separator)})+")
+    # A match at the very start (a leading separator) stays in the first step instead of making an empty one.
+    ends = sorted({m.end() for m in regex.finditer(text) if m.start() > 0 and m.end() < len(text)})
+    return spans_from_step_ends(len(text), ends)
+
+
+def spans_from_step_ends(length: int, ends: Sequence[int]) -> list[tuple[int, int]]:
+    """Spans [0, e1), [e1, e2), ..., [e_last, length) from strictly increasing interior step ends."""
+    bounds = [0, *[int(end) for end in ends if 0 < int(end) < length], length]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+
+
+def assign_tokens_to_steps(token_spans: Sequence[tuple[int, int]], step_spans: Sequence[tuple[int, int]]) -> list[int]:
+    """Exclusive token boundary of each step: tokens [ends[k−1], ends[k]) belong to step k.
+
+    A token belongs to the step holding its last character (a zero-width token: the one holding its start), so a
+    token merged across a step boundary is counted once, in the step whose text it completes. Tokens must be in
+    text order, as a tokenizer's offset mapping is.
+    """
+    starts = [start for start, _ in step_spans]
+    counts = [0] * len(step_spans)
+    for start, end in token_spans:
+        anchor = end - 1 if end > start else start
+        counts[max(bisect.bisect_right(starts, anchor) - 1, 0)] += 1
+    ends, total = [], 0
+    for count in counts:
+        total += count
+        ends.append(total)
+    return ends
+
+
+def end_of_turn_text(tokenizer) -> str:
+    """What closes an assistant turn in training data: the chat template's text after the message content (e.g.
+    "<|im_end|>\\n"), or the EOS token for tokenizers without a chat template (TRL appends it to plain completions)."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _TEMPLATE_MARKER}]
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as error:  # a template that refuses this conversation: fall back to EOS
+            logger.warning("could not render the chat template (%s); closing completions with EOS", error)
+        else:
+            if _TEMPLATE_MARKER in rendered:
+                return rendered[rendered.rindex(_TEMPLATE_MARKER) + len(_TEMPLATE_MARKER) :]
+    return tokenizer.eos_token or ""
+
+
+def segment_completion(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    step_ends: Sequence[int] | None = None,
+    separator: str | None = DEFAULT_STEP_SEPARATOR,
+    pattern: str | None = None,
+    suffix: str = "",
+    max_length: int | None = None,
+    index: int = 0,
+) -> Segmentation:
+    """Tokenize `prompt + completion + suffix` in one piece and map the completion's steps to its tokens.
+
+    `step_ends`: explicit character offsets (in the completion) where steps end; otherwise steps come from
+    `separator`/`pattern` (see `step_char_spans`). The suffix (the end-of-turn text) joins the last step; a completion
+    that already ends with it (generated text that kept its end-of-turn token) does not get it twice. `index` names
+    the completion in error messages.
+    """
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise TypeError(
+            f"completion {index}: prompt and completion must be strings (rendered prompt text and the generated "
+            f"text), got {type(prompt).__name__} and {type(completion).__name__}"
+        )
+    if step_ends is None:
+        spans = step_char_spans(completion, separator, pattern)
+    else:
+        ends = [int(end) for end in step_ends]
+        if any(b <= a for a, b in zip(ends, ends[1:])) or any(not 0 < e <= len(completion) for e in ends):
+            raise ValueError(
+                f"completion {index}: step_ends {ends} must be strictly increasing character offsets in "
+                f"(0, {len(completion)}] (where each step ends in the completion)"
+            )
+        spans = spans_from_step_ends(len(completion), ends)
+    stripped = suffix.rstrip()
+    if suffix and stripped and completion.endswith(stripped):
+        suffix = suffix[len(stripped) :]
+    text = completion + suffix
+    spans[-1] = (spans[-1][0], len(text))
+    encoding = tokenizer(
+        prompt + text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
+    )
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    boundary = len(prompt)
+    # A completion token is any token reaching past the prompt (one merged across the boundary included).
+    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary or s >= boundary), len(ids))
+    first = max(first, 1)  # the first token of a sequence has no log-prob: it is never scored
+    truncated = max_length is not None and len(ids) > max_length
+    if truncated:
+        ids = ids[:max_length]
+        cut = offsets[len(ids) - 1][1] - boundary if len(ids) > first else 0
+        spans = [span for span in spans if span[0] < cut] or spans[:1]
+    token_spans = [(max(s - boundary, 0), max(e - boundary, 0)) for s, e in offsets[first : len(ids)]]
+    return Segmentation(
+        input_ids=ids,
+        completion_start=first,
+        token_spans=token_spans,
+        step_spans=spans,
+        step_ends=assign_tokens_to_steps(token_spans, spans),
+        text=text,
+        truncated=truncated,
+    )
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _enable_fused_log_probs(model) -> None:
+    """Patch TRL's fused LM head onto `model` once (on the base model under PEFT, as TRL's trainers do)."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    target = model.get_base_model() if _is_peft(model) else model
+    if not getattr(target, "_align_fused_lm_head", False):
+        add_fused_lm_head(target)
+        target._align_fused_lm_head = True
+
+
+def read_settings(path: str | Path) -> dict:
+    """The settings a trained PRM was saved with (beta, step separator, ...), or {} when there are none."""
+    file = Path(path) / SETTINGS_FILE
+    return json.loads(file.read_text()) if file.is_file() else {}
+
+
+class ImplicitPRM:
+    """Score completions with an implicit PRM: `policy` trained as β·log π/π_ref, and its reference.
+
+    Args:
+        model: the trained causal LM, or a `peft.PeftModel` (then the reference defaults to its adapter-disabled
+            base).
+        tokenizer: the tokenizer both models share (a fast tokenizer: offsets map steps to tokens).
+        ref_model: the reference model. Required for a full model unless `reference_free=True`.
+        beta: the β of r = β·log π/π_ref. Rankings by any aggregate do not depend on it; σ(score) does.
+        reference_free: score β·log π_θ alone (the paper's §5.5.2 variant; rank only equal-length completions).
+        step_separator / step_pattern: how steps are delimited (see `step_char_spans`).
+        end_of_completion: "auto" (the chat template's end of turn, or EOS), None (nothing), or a literal string
+            appended after each completion before scoring.
+        batch_size: completions per forward pass.
+        max_length: longest tokenized prompt + completion; longer ones are cut and flagged `truncated`. Default:
+            the model's `max_position_embeddings`.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        ref_model=None,
+        beta: float = DEFAULT_BETA,
+        reference_free: bool = False,
+        step_separator: str | None = DEFAULT_STEP_SEPARATOR,
+        step_pattern: str | None = None,
+        end_of_completion: str | None = "auto",
+        batch_size: int = 8,
+        max_length: int | None = None,
+    ):
+        if not beta > 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if reference_free and ref_model is not None:
+            raise ValueError("reference_free=True scores without a reference; do not pass ref_model as well.")
+        if ref_model is None and not reference_free and not _is_peft(model):
+            raise ValueError(
+                "An implicit PRM needs its reference model: pass ref_model (the model the PRM was trained from), "
+                "load a LoRA adapter (its base is the reference), or set reference_free=True."
+            )
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{type(tokenizer).__name__} is not a fast tokenizer; step boundaries need its offset mapping. "
+                "Load the tokenizer with use_fast=True."
+            )
+        if step_pattern is not None:
+            re.compile(step_pattern)  # fail now, naming the pattern, rather than on the first completion
+        self.model, self.tokenizer, self.ref_model = model, tokenizer, ref_model
+        self.beta, self.reference_free = float(beta), reference_free
+        self.step_separator, self.step_pattern = step_separator, step_pattern
+        self.suffix = end_of_turn_text(tokenizer) if end_of_completion == "auto" else (end_of_completion or "")
+        self.batch_size = batch_size
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        self.max_length = max_length or limit
+        self.model.eval()
+        _enable_fused_log_probs(self.model)
+        if self.ref_model is not None:
+            self.ref_model.eval()
+            _enable_fused_log_probs(self.ref_model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        ref_model=None,
+        beta: float | None = None,
+        *,
+        reference_free: bool = False,
+        dtype: str = "float32",
+        device: str | None = None,
+        **kwargs,
+    ) -> ImplicitPRM:
+        """Load a PRM from a directory written by `align train prm` (or any causal LM / LoRA adapter).
+
+        `path`: a LoRA adapter directory (the reference defaults to its adapter-disabled base) or a full model
+        directory (then pass `ref_model`, a path/alias or a loaded model, unless `reference_free`; a model saved by
+        `align train prm` names its reference in `implicit_prm.json`, used when `ref_model` is None). `beta` and the
+        step settings default to what the PRM was trained with, else β = 0.05 and "\\n\\n".
+        """
+        from align.models import load_model_and_tokenizer, resolve_model_path
+
+        location = resolve_model_path(path)
+        is_adapter = (Path(location) / "adapter_config.json").is_file()
+        settings = read_settings(location)
+        if ref_model is None and not is_adapter and not reference_free:
+            ref_model = settings.get("reference_model")
+            if ref_model is None:
+                raise ValueError(
+                    f"{path} is a full model, so the PRM's reference model cannot be derived from it: pass ref_model "
+                    "(e.g. --prm-ref with the model the PRM was trained from) or use reference-free scoring."
+                )
+            logger.info("reference model of %s: %s (from %s)", path, ref_model, SETTINGS_FILE)
+        model, tokenizer = load_model_and_tokenizer(location, dtype=dtype, device=device)
+        if isinstance(ref_model, str):
+            ref_model, ref_tokenizer = load_model_and_tokenizer(ref_model, dtype=dtype, device=device)
+            if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError(
+                    f"The PRM {path} and its reference do not share a tokenizer (their vocabularies differ); "
+                    "per-token log-ratios need identical tokenization. Use the model the PRM was trained from."
+                )
+        kwargs.setdefault("step_separator", settings.get("step_separator", DEFAULT_STEP_SEPARATOR))
+        kwargs.setdefault("step_pattern", settings.get("step_pattern"))
+        beta = beta if beta is not None else settings.get("beta", DEFAULT_BETA)
+        return cls(model, tokenizer, ref_model=ref_model, beta=beta, reference_free=reference_free, **kwargs)
+
+    def _segment(self, prompt: str, completion: str, step_ends: Sequence[int] | None, index: int) -> Segmentation:
+        return segment_completion(
+            self.tokenizer,
+            prompt,
+            completion,
+            step_ends=step_ends,
+            separator=self.step_separator,
+            pattern=self.step_pattern,
+            suffix=self.suffix,
+            max_length=self.max_length,
+            index=index,
+        )
+
+    # ------------------------------------------------------------------ scoring
+
+    def _log_probs(self, model, input_ids, attention_mask, labels, disable_adapter: bool) -> torch.Tensor:
+        """Per-token log-probs (batch, length − 1) of `labels[:, 1:]`, 0 where the label is -100."""
+        if disable_adapter:
+            with model.disable_adapter():
+                return model(
+                    input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True
+                ).log_probs
+        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True).log_probs
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
+        device = next(self.model.parameters()).device
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(len(item.input_ids) for item in batch)
+        input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        scored = torch.zeros((len(batch), length), dtype=torch.bool)
+        for row, item in enumerate(batch):
+            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
+            attention_mask[row, : len(item.input_ids)] = 1
+            scored[row, item.completion_start : len(item.input_ids)] = True
+        input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
+        labels = input_ids.masked_fill(~scored, -100)
+
+        policy = self._log_probs(self.model, input_ids, attention_mask, labels, disable_adapter=False)
+        reference = None
+        if not self.reference_free:
+            if self.ref_model is not None:
+                reference = self._log_probs(self.ref_model, input_ids, attention_mask, labels, disable_adapter=False)
+            else:
+                reference = self._log_probs(self.model, input_ids, attention_mask, labels, disable_adapter=True)
+        # Index j of the fused output is the log-prob of token j + 1; token 0 is never scored.
+        rewards = token_rewards(
+            policy.double(), None if reference is None else reference.double(), scored[:, 1:], self.beta
+        )
+
+        # Completion-aligned token rewards and step boundaries, padded across the batch.
+        num_tokens = [len(item.token_spans) for item in batch]
+        num_steps = [len(item.step_spans) for item in batch]
+        completion_rewards = torch.zeros((len(batch), max(num_tokens)), dtype=torch.float64)
+        step_ends = torch.zeros((len(batch), max(num_steps)), dtype=torch.long)
+        step_mask = torch.zeros((len(batch), max(num_steps)), dtype=torch.bool)
+        for row, item in enumerate(batch):
+            start = item.completion_start - 1
+            completion_rewards[row, : num_tokens[row]] = rewards[row, start : start + num_tokens[row]].cpu()
+            step_ends[row, : num_steps[row]] = torch.tensor(item.step_ends)
+            step_mask[row, : num_steps[row]] = True
+        q, r = process_rewards(completion_rewards, step_ends, step_mask)
+        scores = aggregate_step_rewards(r, step_mask, aggregate)
+
+        results = []
+        for row, item in enumerate(batch):
+            k, n = num_steps[row], num_tokens[row]
+            bounds = [0, *item.step_ends]
+            results.append(
+                StepScore(
+                    score=float(scores[row]),
+                    step_rewards=r[row, :k].tolist(),
+                    q_values=q[row, :k].tolist(),
+                    outcome_reward=float(completion_rewards[row, :n].sum()),
+                    steps=[item.text[s:e] for s, e in item.step_spans],
+                    step_spans=list(item.step_spans),
+                    step_token_spans=[(bounds[i], bounds[i + 1]) for i in range(k)],
+                    token_rewards=completion_rewards[row, :n].tolist(),
+                    token_spans=list(item.token_spans),
+                    text=item.text,
+                    aggregate=aggregate,
+                    truncated=item.truncated,
+                )
+            )
+        return results
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        aggregate: str = "min",
+        step_ends: Sequence[Sequence[int] | None] | None = None,
+        progress: bool = False,
+    ) -> list[StepScore]:
+        """Score each (rendered prompt, completion) pair; returns one `StepScore` per pair, in input order.
+
+        `aggregate`: min (the paper's), mean, last or sum (= the outcome reward). `step_ends`: optional, per
+        completion, the character offsets where its steps end (None entries use the separator/pattern).
+        """
+        if aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+        if len(prompts) != len(completions):
+            raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt each")
+        if step_ends is not None and len(step_ends) != len(completions):
+            raise ValueError(f"step_ends has {len(step_ends)} entries for {len(completions)} completions")
+        encoded = [
+            self._segment(p, c, None if step_ends is None else step_ends[i], i)
+            for i, (p, c) in enumerate(zip(prompts, completions))
+        ]
+        if any(item.truncated for item in encoded):
+            logger.warning(
+                "%d of %d completions exceed max_length=%s tokens and were cut; their later steps are not scored",
+                sum(item.truncated for item in encoded),
+                len(encoded),
+                self.max_length,
+            )
+        # Longest first, so batches hold similar lengths and padding stays small.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="PRM scoring", unit="batch")
+        results: list[StepScore | None] = [None] * len(encoded)
+        for indices in batches:
+            for index, result in zip(indices, self._score_batch([encoded[i] for i in indices], aggregate)):
+                results[index] = result
+        return results
