@@ -16,6 +16,7 @@ from align.losses.coverage import (
     dco_loss,
     log1mexp,
     segment_log_probs,
+    sequence_log_probs,
 )
 
 
@@ -255,6 +256,14 @@ def test_segment_log_probs_sums_per_segment():
     sums, mask = segment_log_probs(token_logp, segment_ids)
     torch.testing.assert_close(sums, torch.tensor([[-5.0, -4.0, 0.0], [-0.5, -0.5, -1.0]]))
     assert mask.tolist() == [[True, True, False], [True, True, True]]
+
+
+def test_sequence_log_probs_sums_label_tokens_only():
+    token_logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -7.0, -9.0], [-4.0, -4.0, -4.0]], dtype=torch.bfloat16)
+    label_mask = torch.tensor([[False, True, True], [True, False, False], [False, False, False]])
+    sums, has_tokens = sequence_log_probs(token_logp, label_mask)
+    assert sums.dtype == torch.float32 and sums.tolist() == [-5.0, -0.5, 0.0]
+    assert has_tokens.tolist() == [True, True, False]
 
 
 def test_segment_log_probs_sums_bf16_in_fp32():

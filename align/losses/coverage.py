@@ -30,8 +30,9 @@ expansion 1 - (1 - p̂)^N = N p̂ (1 - (N - 1) p̂ / 2 + (N - 1)(N - 2) p̂^2 / 
 neglected term is below 1e-13 relative at the switch. Inputs of any float dtype are computed in at least fp32.
 
 The functions are organized in three layers so other objectives can reuse them (e.g. group weights for online
-pass@N): elementwise `coverage_loss` / `coverage_weight` / `coverage` on a tensor of log p̂; `segment_log_probs`,
-which sums per-token log-probs into per-sequence or per-step log p̂; and the batch reductions `dco_loss` and
+pass@N): elementwise `coverage_loss` / `coverage_weight` / `coverage` on a tensor of log p̂; `sequence_log_probs`
+and `segment_log_probs`, which sum per-token log-probs into per-sequence or per-step log p̂; the batch reductions
+`dco_loss` and
 `dco_estimated_loss`, which apply ε filtering and the per-sequence mean. A tensor of probabilities p̂ (not logs) is
 passed as `torch.log(p_hat)`; p̂ = 0 gives F = 1 and C = 0.
 """
@@ -113,24 +114,31 @@ def _log_coverage_and_weight(s: torch.Tensor, n: torch.Tensor) -> tuple[torch.Te
 
 
 class _CoverageLoss(torch.autograd.Function):
-    """ℓ_N(p̂) as a function of s = log p̂, with the analytic gradient dℓ/ds = -F(N, p̂).
+    """(ℓ_N(p̂), F(N, p̂)) as functions of s = log p̂, with the analytic gradient dℓ/ds = -F(N, p̂).
 
     A hand-written backward rather than autograd through the branches: `torch.where` back-propagates NaN from the
     branch it did not select (e.g. the exact form at underflow), and the closed-form F is cheaper and exact.
     `torch.autograd.gradcheck` checks this backward against finite differences of the forward (see the tests).
+    F is returned too (not differentiable) so that a caller needing both evaluates the formulas once.
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, s: torch.Tensor, n: torch.Tensor):
         # A log-probability is <= 0; a positive value can only be rounding noise of a log-softmax.
         log_c, weight = _log_coverage_and_weight(s.clamp(max=0), n)
         ctx.save_for_backward(weight)
-        return -log_c
+        ctx.mark_non_differentiable(weight)
+        return -log_c, weight
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
+    def backward(ctx, grad_loss: torch.Tensor, grad_weight: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return -weight * grad_output, None
+        return -weight * grad_loss, None
+
+
+def _loss_and_weight(seq_logp: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    s = seq_logp.to(_compute_dtype(seq_logp))
+    return _CoverageLoss.apply(s, _budget(n, s))
 
 
 def coverage_loss(seq_logp: torch.Tensor, n) -> torch.Tensor:
@@ -143,8 +151,7 @@ def coverage_loss(seq_logp: torch.Tensor, n) -> torch.Tensor:
     Returns:
         ℓ with the shape of `seq_logp`; its gradient with respect to `seq_logp` is -F(N, p̂) (see `coverage_weight`).
     """
-    s = seq_logp.to(_compute_dtype(seq_logp))
-    return _CoverageLoss.apply(s, _budget(n, s))
+    return _loss_and_weight(seq_logp, n)[0]
 
 
 @torch.no_grad()
@@ -187,6 +194,12 @@ def segment_log_probs(token_logp: torch.Tensor, segment_ids: torch.Tensor) -> tu
     sums = values.new_zeros(token_logp.shape[0], num_segments).scatter_add(1, index, values)
     counts = torch.zeros_like(sums).scatter_add(1, index, inside.to(sums.dtype))
     return sums, counts > 0
+
+
+def sequence_log_probs(token_logp: torch.Tensor, label_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) log p̂ of each sequence's label tokens (summed in at least fp32) and (B,) True where it has any."""
+    values = torch.where(label_mask, token_logp.to(_compute_dtype(token_logp)), 0.0)
+    return values.sum(-1), label_mask.any(-1)
 
 
 @dataclass(frozen=True)
@@ -252,15 +265,14 @@ def dco_loss(
     unit_mask = torch.ones_like(unit_logp, dtype=torch.bool) if unit_mask is None else _as_units(unit_mask)
     if isinstance(n, torch.Tensor):
         n = _as_units(n)
-    unit_loss = coverage_loss(unit_logp, n)
-    weight = coverage_weight(unit_logp, n)
+    unit_loss, weight = _loss_and_weight(unit_logp, n)
     loss, kept = _kept_sequence_mean(unit_loss, weight, unit_mask, weight_threshold)
     masked_logp = torch.where(unit_mask, unit_logp.detach(), 0.0)
     return CoverageLossOutput(
         loss=loss,
         unit_loss=torch.where(unit_mask, unit_loss, 0.0),
         weight=weight,
-        coverage=coverage(unit_logp, n),
+        coverage=torch.exp(-unit_loss.detach()),
         unit_mask=unit_mask,
         kept=kept,
         seq_logp=masked_logp.to(unit_loss.dtype).sum(-1),
@@ -295,7 +307,8 @@ def dco_estimated_loss(
         bad = estimate[invalid][:5].tolist()
         raise ValueError(f"p_hat must be a probability in [0, 1]; got {bad}. Recompute the p_hat column.")
     log_estimate = torch.log(estimate)  # p̂ = 0 -> -inf -> F = 1: an unsolved problem keeps the full CE gradient
-    weight = _as_units(coverage_weight(log_estimate, n))
+    with torch.no_grad():
+        estimate_loss, weight = (_as_units(x) for x in _loss_and_weight(log_estimate, n))
     unit_mask = torch.ones_like(weight, dtype=torch.bool) if mask is None else _as_units(mask)
     trace_logp = _as_units(seq_logp.to(weight.dtype))
     unit_loss = weight * -trace_logp
@@ -304,8 +317,141 @@ def dco_estimated_loss(
         loss=loss,
         unit_loss=torch.where(unit_mask, unit_loss, 0.0),
         weight=weight,
-        coverage=_as_units(coverage(log_estimate, n)),
+        coverage=torch.exp(-estimate_loss),
         unit_mask=unit_mask,
         kept=kept,
         seq_logp=torch.where(unit_mask, trace_logp.detach(), 0.0).sum(-1),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Online pass@N (chain of thought): per-sample weights for groups of K sampled completions graded by a verifier.
+
+PASS_AT_N_ESTIMATORS = ("plain", "loo")
+
+
+@dataclass(frozen=True)
+class PassAtNGroupWeights:
+    """Per-sample pass@N weights of G groups of K graded samples, and the per-group quantities behind them.
+
+    Attributes:
+        weights: (G, K) the factor w_i on each sample's ∇log π(y_i); 0 for unscored samples.
+        p_hat: (G,) p̂ = c / K_scored, the fraction of scored samples that are correct; NaN if none is scored.
+        num_correct: (G,) c, the number of correct samples.
+        num_scored: (G,) K_scored, the number of samples with a reward (not NaN).
+        coverage_weight: (G,) F(N, p̂); NaN where p̂ is.
+        pass_at_n_plugin: (G,) 1 - (1 - p̂)^N, the plug-in pass@N; NaN where p̂ is.
+        pass_at_n_unbiased: (G,) 1 - C(K_scored - c, N) / C(K_scored, N) (Chen et al. 2021); NaN unless N is an
+            integer <= K_scored.
+    """
+
+    weights: torch.Tensor
+    p_hat: torch.Tensor
+    num_correct: torch.Tensor
+    num_scored: torch.Tensor
+    coverage_weight: torch.Tensor
+    pass_at_n_plugin: torch.Tensor
+    pass_at_n_unbiased: torch.Tensor
+
+
+def unbiased_pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k) -> torch.Tensor:
+    """1 - C(n - c, k) / C(n, k) elementwise (Chen et al. 2021, the Codex paper), in fp64 through log-gamma.
+
+    The probability that k of the n samples drawn without replacement include a correct one. 1 where n - c < k;
+    NaN where k is not an integer in [1, n].
+    """
+    n = num_samples.to(torch.float64)
+    c = num_correct.to(torch.float64)
+    k = float(k)
+    if not (math.isfinite(k) and k >= 1 and k == int(k)):
+        return torch.full_like(n, math.nan)
+    wrong = n - c
+    # log C(n - c, k) - log C(n, k); only evaluated where n - c >= k (the lgamma arguments are then >= 1).
+    safe_wrong = torch.where(wrong >= k, wrong, torch.full_like(wrong, k))
+    safe_n = torch.where(n >= k, n, torch.full_like(n, k))
+    log_ratio = (
+        torch.lgamma(safe_wrong + 1)
+        - torch.lgamma(safe_wrong - k + 1)
+        - torch.lgamma(safe_n + 1)
+        + torch.lgamma(safe_n - k + 1)
+    )
+    value = torch.where(wrong >= k, -torch.expm1(log_ratio), torch.ones_like(n))
+    return torch.where(n >= k, value, torch.full_like(n, math.nan))
+
+
+def _check_binary_rewards(rewards: torch.Tensor) -> None:
+    scored = ~torch.isnan(rewards)
+    bad = scored & (rewards != 0) & (rewards != 1)
+    if bool(bad.any()):
+        group, sample = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"pass@N weights need a binary verifier reward per completion (1 correct, 0 incorrect, NaN unscored); "
+            f"group {group}, sample {sample} has reward {rewards[group, sample].item()!r}. Use a single correctness "
+            "reward (the default verifier), or reward_weights that keep the total in {0, 1}."
+        )
+
+
+@torch.no_grad()
+def pass_at_n_group_weights(rewards: torch.Tensor, n, estimator: str = "plain") -> PassAtNGroupWeights:
+    """Weights w_i that turn Σ_i w_i ∇log π(y_i) into an estimate of ∇ log pass@N from K samples per prompt.
+
+    Objective (DCO for chains of thought, Chen et al. 2025, arXiv 2502.07154, made on-policy): with p = P(a sample
+    of the policy is correct | x), maximise J = log(1 - (1 - p)^N), whose gradient is
+
+        ∇J = F(N, p) / p · ∇p,    ∇p = E_y[r(y) ∇log π(y)]    (REINFORCE),
+
+    F as in `coverage_weight`. From K samples with c correct (p̂ = c / K) the estimators are
+
+    - `plain`: w_i = F(N, p̂) · r_i / c. Each correct sample gets F(N, p̂) / c, incorrect ones 0, and a group with
+      no correct sample contributes nothing. N = 1 gives 1/c: the normalized rejection-sampling gradient of log p.
+      Given c >= 1 the correct samples are i.i.d. from π(· | correct), so E[(1/c) Σ_correct ∇log π] = ∇p / p
+      exactly and E[update] = E_c[F(N, c/K) 1{c >= 1}] · ∇p / p: the exact direction of ∇J for every prompt, with
+      a scale that depends on p (for N = 1, P(c >= 1) = 1 - (1 - p)^K: unbiased given a solved group).
+    - `loo`: the REINFORCE leave-one-out baseline b_i = (c - r_i) / (K - 1) (Kool et al. 2019; Ahmadian et al.
+      2024, RLOO) inside the same estimate, w_i = F(N, p̂) / c · (r_i - b_i): correct samples get
+      F (K - c) / (c (K - 1)), incorrect ones -F / (K - 1), and every group's weights sum to 0. Its expectation is
+      E_c[F(N, c/K) (K - c) / (K - 1) · 1{c >= 1}] / (1 - p) · ∇p / p: again the exact direction, with another
+      p-dependent scale. Wrong answers are pushed down, which cancels the part of Σ ∇log π(y_i) that is noise
+      (lower variance when samples share gradient directions), but an all-correct group contributes nothing even
+      at N = 1, and it needs K >= 2 scored samples per group (smaller groups get weight 0).
+
+    Args:
+        rewards: (G, K) 1 for a correct sample, 0 for an incorrect one, NaN for a sample that could not be scored
+            (it is left out of its group: weight 0, K_scored counts the others).
+        n: the pass@N budget N >= 1 (may be fractional).
+        estimator: `plain` or `loo`.
+    """
+    if estimator not in PASS_AT_N_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {PASS_AT_N_ESTIMATORS}, got {estimator!r}.")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (groups, samples per group), got shape {tuple(rewards.shape)}.")
+    rewards = rewards.to(torch.float64)
+    _check_binary_rewards(rewards)
+    scored = ~torch.isnan(rewards)
+    correct = torch.where(scored, rewards, 0.0)
+    num_scored = scored.sum(-1).to(torch.float64)
+    num_correct = correct.sum(-1)
+    p_hat = num_correct / num_scored  # NaN for a group with nothing scored (0 / 0)
+    has_p = num_scored > 0
+    safe_p = torch.where(has_p, p_hat, 0.0)
+    weight = coverage_weight(torch.log(safe_p), _budget(n, safe_p))  # p̂ = 0 -> F = 1, never used: c = 0
+    per_correct = torch.where(num_correct > 0, weight / num_correct.clamp(min=1), 0.0)[:, None]
+    if estimator == "plain":
+        weights = per_correct * correct
+    else:
+        # r_i - b_i = r_i - (c - r_i) / (K - 1); groups with K_scored < 2 have no leave-one-out baseline.
+        others = (num_scored - 1)[:, None]
+        advantage = torch.where(others > 0, correct - (num_correct[:, None] - correct) / others.clamp(min=1), 0.0)
+        weights = per_correct * advantage
+    weights = torch.where(scored, weights, 0.0)
+    nan = torch.full_like(p_hat, math.nan)
+    plugin = torch.where(has_p, coverage(torch.log(safe_p), _budget(n, safe_p)), nan)
+    return PassAtNGroupWeights(
+        weights=weights,
+        p_hat=p_hat,
+        num_correct=num_correct,
+        num_scored=num_scored,
+        coverage_weight=torch.where(has_p, weight, nan),
+        pass_at_n_plugin=plugin,
+        pass_at_n_unbiased=unbiased_pass_at_k(num_scored, num_correct, n),
     )

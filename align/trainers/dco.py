@@ -29,7 +29,13 @@ from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import global_then_local_main_first
 
-from align.losses.coverage import CoverageLossOutput, dco_estimated_loss, dco_loss, segment_log_probs
+from align.losses.coverage import (
+    CoverageLossOutput,
+    dco_estimated_loss,
+    dco_loss,
+    segment_log_probs,
+    sequence_log_probs,
+)
 
 
 DCO_MODES = ("sequence", "step", "estimated")
@@ -315,16 +321,13 @@ class DCOTrainer(SFTTrainer):
         token_logp = outputs.log_probs  # (B, L-1): position t scores label t+1; 0 where the label is -100
         if args.dco_mode == "step":
             # Step ids are per input token, like the labels, so shift them the same way.
-            segment_ids = step_ids[:, -token_logp.shape[1] :]
-            segment_ids = torch.where(label_mask, segment_ids, -1)
-        else:
-            segment_ids = torch.where(label_mask, 0, -1)
-        unit_logp, unit_mask = segment_log_probs(token_logp, segment_ids)
+            segment_ids = torch.where(label_mask, step_ids[:, -token_logp.shape[1] :], -1)
+            step_logp, step_mask = segment_log_probs(token_logp, segment_ids)
+            return dco_loss(step_logp, args.pass_n, args.dco_weight_threshold, unit_mask=step_mask)
+        seq_logp, has_tokens = sequence_log_probs(token_logp, label_mask)
         if args.dco_mode == "estimated":
-            return dco_estimated_loss(
-                unit_logp[:, 0], p_hat, args.pass_n, args.dco_weight_threshold, mask=unit_mask[:, 0]
-            )
-        return dco_loss(unit_logp, args.pass_n, args.dco_weight_threshold, unit_mask=unit_mask)
+            return dco_estimated_loss(seq_logp, p_hat, args.pass_n, args.dco_weight_threshold, mask=has_tokens)
+        return dco_loss(seq_logp, args.pass_n, args.dco_weight_threshold, unit_mask=has_tokens)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # `num_items_in_batch` (a token count) is not used: DCO's loss is a mean over sequences.
