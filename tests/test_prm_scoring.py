@@ -342,3 +342,54 @@ def test_sigmoid_of_scores_is_a_probability(models):
     prompts, completions = _examples(tokenizer, count=2)
     for result in ImplicitPRM(policy, tokenizer, ref_model=reference).score(prompts, completions):
         assert math.isfinite(result.score) and 0 < 1 / (1 + math.exp(-result.score)) < 1
+
+
+def test_the_harness_stores_the_scorers_scores_and_step_rewards(models):
+    from align.evaluation.harness import score_records
+
+    policy, reference, tokenizer = models
+    prompts, completions = _examples(tokenizer, count=4)
+    records = [
+        {"id": f"p{i}", "prompt": prompt, "samples": [{"completion": completion}, {"completion": completion[:20]}]}
+        for i, (prompt, completion) in enumerate(zip(prompts, completions))
+    ]
+    scorer = ImplicitPRM(policy, tokenizer, ref_model=reference)
+    assert score_records(records, scorer, aggregate="min", batch_size=3, progress=False) == 8
+    for record, prompt in zip(records, prompts):
+        for sample in record["samples"]:
+            [direct] = scorer.score([prompt], [sample["completion"]])
+            assert sample["score"] == pytest.approx(direct.score, abs=1e-6)
+            assert sample["step_rewards"] == pytest.approx(direct.step_rewards, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_smollm2_recipe_trains_a_prm_that_scores_with_its_own_tokenizer(smollm2_path, tmp_path):
+    """SmolLM2's tokenizer maps steps back to their text; the CPU recipe trains (2 steps) a LoRA PRM that
+    `ImplicitPRM.from_pretrained` loads with its adapter-disabled base as the reference."""
+    from align.cli import main as align_main
+    from align.models import load_tokenizer
+
+    _check_step_token_mapping(load_tokenizer(smollm2_path), exact=True)
+    output = tmp_path / "prm"
+    overrides = ["--max_steps", "2", "--synthetic_num_train", "4", "--per_device_train_batch_size", "2"]
+    overrides += [
+        "--output_dir",
+        str(output),
+        "--save_strategy",
+        "no",
+        "--learning_rate",
+        "1e-3",
+        "--max_length",
+        "256",
+    ]
+    recipe = "recipes/smollm2-135m-instruct/implicit_prm.yaml"
+    assert align_main(["train", "prm", "--config", recipe, *overrides]) == 0
+    assert (output / "adapter_config.json").is_file() and (output / "implicit_prm.json").is_file()
+    scorer = ImplicitPRM.from_pretrained(str(output))
+    assert scorer.suffix == "<|im_end|>\n" and scorer.beta == 0.05
+    prompts = [render_prompt("What is $45 + 23$?", scorer.tokenizer)] * 2
+    results = scorer.score(prompts, [SOLUTION, SOLUTION.replace("68", "69")])
+    for result in results:
+        assert [len(result.steps), len(result.step_rewards)] == [3, 3]
+        assert any(value != 0 for value in result.token_rewards)
+        assert result.score == pytest.approx(min(result.step_rewards))
