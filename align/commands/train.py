@@ -46,6 +46,18 @@ METHODS: dict[str, Method] = {
         lambda config: "outcome" if config.objective == "ce" else "preference",
         "implicit PRM: outcome reward β·log π/π_ref (ce on labels, dpo/nca on pairs); step rewards for free",
     ),
+    "pass_n": Method(
+        "align.trainers.pass_n:PassAtNConfig",
+        "align.trainers.pass_n:PassAtNGRPOTrainer",
+        "prompts",
+        "online pass@N for chains of thought: GRPO sampling, weights F(N,p̂)/c on correct samples (verifier reward)",
+    ),
+    "grpo": Method(
+        "align.trainers.pass_n:GraderGRPOConfig",
+        "align.trainers.pass_n:GraderGRPOTrainer",
+        "prompts",
+        "GRPO (TRL GRPOTrainer) with align's verifier reward on the dataset's answers: the pass_n baseline",
+    ),
 }
 
 
