@@ -279,10 +279,8 @@ class ImplicitPRM:
         self.batch_size = batch_size
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_length = max_length or limit
-        self.model.eval()
         _enable_fused_log_probs(self.model)
         if self.ref_model is not None:
-            self.ref_model.eval()
             _enable_fused_log_probs(self.ref_model)
 
     @classmethod
@@ -293,7 +291,7 @@ class ImplicitPRM:
         beta: float | None = None,
         *,
         reference_free: bool = False,
-        dtype: str = "float32",
+        dtype: str = "auto",
         device: str | None = None,
         **kwargs,
     ) -> ImplicitPRM:
@@ -302,7 +300,8 @@ class ImplicitPRM:
         `path`: a LoRA adapter directory (the reference defaults to its adapter-disabled base) or a full model
         directory (then pass `ref_model`, a path/alias or a loaded model, unless `reference_free`; a model saved by
         `align train prm` names its reference in `implicit_prm.json`, used when `ref_model` is None). `beta` and the
-        step settings default to what the PRM was trained with, else β = 0.05 and "\\n\\n".
+        step settings default to what the PRM was trained with, else β = 0.05 and "\\n\\n". `dtype` "auto" and
+        `device` None mean bfloat16 on the GPU when there is one, else float32 on the CPU.
         """
         from align.models import load_model_and_tokenizer, resolve_model_path
 
@@ -317,6 +316,10 @@ class ImplicitPRM:
                     "(e.g. --prm-ref with the model the PRM was trained from) or use reference-free scoring."
                 )
             logger.info("reference model of %s: %s (from %s)", path, ref_model, SETTINGS_FILE)
+        if device is None and torch.cuda.is_available():
+            device = "cuda"
+        if dtype == "auto":
+            dtype = "bfloat16" if device is not None and str(device).startswith("cuda") else "float32"
         model, tokenizer = load_model_and_tokenizer(location, dtype=dtype, device=device)
         if isinstance(ref_model, str):
             ref_model, ref_tokenizer = load_model_and_tokenizer(ref_model, dtype=dtype, device=device)
@@ -356,6 +359,17 @@ class ImplicitPRM:
 
     @torch.inference_mode()
     def _score_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
+        models = [m for m in (self.model, self.ref_model) if m is not None]
+        modes = [m.training for m in models]
+        for m in models:
+            m.eval()  # no dropout while scoring; the caller's mode (e.g. a trainer's model) is restored below
+        try:
+            return self._score_eval_batch(batch, aggregate)
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+
+    def _score_eval_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         length = max(len(item.input_ids) for item in batch)
