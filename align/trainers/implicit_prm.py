@@ -243,16 +243,19 @@ class ImplicitPRMTrainer:
     def _log_rewards(self, mode: str, correct: torch.Tensor, incorrect: torch.Tensor, accurate: torch.Tensor):
         """Mean implicit reward of correct / incorrect completions and reward accuracy, summed across processes
         (as sums and counts, since ranks may hold different numbers of each class)."""
-        totals = torch.stack(
+        device = correct.device
+        totals = torch.tensor(
             [
-                correct.sum(),
-                torch.tensor(float(correct.numel()), device=correct.device),
-                incorrect.sum(),
-                torch.tensor(float(incorrect.numel()), device=correct.device),
+                correct.float().sum(),
+                correct.numel(),
+                incorrect.float().sum(),
+                incorrect.numel(),
                 accurate.float().sum(),
-                torch.tensor(float(accurate.numel()), device=correct.device),
-            ]
-        ).detach()
+                accurate.numel(),
+            ],
+            dtype=torch.float32,
+            device=device,
+        )
         totals = self.accelerator.gather_for_metrics(totals.unsqueeze(0)).sum(0).tolist()
         correct_sum, num_correct, incorrect_sum, num_incorrect, accurate_sum, num_judged = totals
         if num_correct:
