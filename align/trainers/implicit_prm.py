@@ -301,7 +301,8 @@ class OutcomeImplicitPRMTrainer(ImplicitPRMTrainer, KTOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         columns = set(getattr(dataset, "column_names", None) or next(iter(dataset)).keys())
-        if not ({"completion", "label"} <= columns or {"chosen", "rejected"} <= columns or "input_ids" in columns):
+        usable = {"completion", "label"} <= columns or {"chosen", "rejected"} <= columns
+        if not (usable or "completion_ids" in columns):  # (already tokenized by KTO: nothing to check)
             raise ValueError(
                 f"objective 'ce' trains on outcome rows with columns prompt, completion, label (or on pairs "
                 f"prompt, chosen, rejected, which are un-paired); the {dataset_name} dataset has {sorted(columns)}. "
