@@ -393,3 +393,30 @@ def test_smollm2_recipe_trains_a_prm_that_scores_with_its_own_tokenizer(smollm2_
         assert [len(result.steps), len(result.step_rewards)] == [3, 3]
         assert any(value != 0 for value in result.token_rewards)
         assert result.score == pytest.approx(min(result.step_rewards))
+
+
+def test_diagnose_steps_prints_each_steps_reward_and_marks_the_lowest(tmp_path, tiny_model_dir, models, capsys):
+    import json
+
+    from align.cli import main as align_main
+
+    policy, _, tokenizer = models
+    prm = tmp_path / "prm"
+    policy.save_pretrained(prm)
+    tokenizer.save_pretrained(prm)
+    (prm / "implicit_prm.json").write_text(json.dumps({"beta": 0.05, "reference_model": tiny_model_dir}))
+    prompts, completions = _examples(tokenizer, count=1)
+    record = {"id": "p0", "answer": "1", "prompt": prompts[0], "samples": [{"completion": completions[0]}] * 2}
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps(record) + "\n")
+    args = ["diagnose", "steps", "--prm", str(prm), "--samples", str(samples), "--id", "p0", "--sample", "1"]
+    assert align_main(args) == 0
+    out = capsys.readouterr().out
+    [expected] = ImplicitPRM.from_pretrained(str(prm)).score(prompts, completions)
+    assert "sample 1: ungraded, score(min) = " in out and "sample 0" not in out
+    assert out.count("<- lowest") == 1 and f"{min(expected.step_rewards):+.4f}" in out
+    assert align_main([*args, "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["step_rewards"] == pytest.approx(expected.step_rewards)
+    with pytest.raises(SystemExit, match="no record with id 'missing'"):
+        align_main(["diagnose", "steps", "--prm", str(prm), "--samples", str(samples), "--id", "missing"])
