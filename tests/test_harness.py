@@ -379,3 +379,29 @@ def test_two_processes_give_the_single_process_summary(tiny_run, tiny_model_dir,
     assert [[s["completion"] for s in r["samples"]] for r in ours] == [
         [s["completion"] for s in r["samples"]] for r in theirs
     ]
+
+
+@pytest.mark.slow
+def test_smollm2_eval_stops_at_end_of_turn_and_grades(smollm2_path, tmp_path):
+    summary = run_eval(
+        eval_config(tmp_path, model=smollm2_path, limit=2, n=2, max_new_tokens=96, batch_size=4, grader_workers=2)
+    )
+    records = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
+    samples = [s for r in records for s in r["samples"]]
+    assert records[0]["prompt"].startswith("<|im_start|>") and records[0]["prompt"].endswith("<|im_start|>assistant\n")
+    assert any(s["finish_reason"] == "stop" for s in samples)  # the model ends its turn by itself
+    assert all("<|im_end|>" not in s["completion"] and 0 < s["num_tokens"] <= 96 for s in samples)
+    assert all((s["finish_reason"] == "length") == (s["num_tokens"] == 96) for s in samples)
+    assert summary["samples"]["total"] == 4 and summary["timing"]["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_generation_does_not_depend_on_batching(smollm2_path):
+    backend = HFBackend(smollm2_path, batch_size=4)
+    problems = load_problems("synthetic", "test", limit=2, synthetic_levels=(1, 3)).problems
+    prompts = [harness.render_prompt(p.problem, backend.tokenizer) for p in problems]
+    sampling = SamplingConfig(n=2, temperature=0.0, max_new_tokens=32)
+    batched = backend.generate(prompts, sampling)
+    backend.batch_size = 1
+    single = backend.generate(prompts, sampling)
+    assert [[c.text for c in row] for row in batched] == [[c.text for c in row] for row in single]
