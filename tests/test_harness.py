@@ -16,6 +16,7 @@ from align.evaluation import harness
 from align.evaluation.backends import (
     HFBackend,
     SamplingConfig,
+    encode_prompt,
     get_backend,
     resolve_backend_name,
 )
@@ -270,10 +271,11 @@ def install_fake_vllm(monkeypatch):
             calls["params"] = [p.kwargs for p in params]
             calls["lora_request"] = lora_request
             outputs = []
-            for prompt, p in zip(prompts, params):
+            calls["prompts"] = prompts
+            for index, p in enumerate(params):
                 choices = [
                     types.SimpleNamespace(
-                        text=f"{prompt}#{j}", token_ids=[1] * (j + 1), finish_reason="stop" if j else "length"
+                        text=f"{index}#{j}", token_ids=[1] * (j + 1), finish_reason="stop" if j else "length"
                     )
                     for j in range(p.kwargs["n"])
                 ]
@@ -302,7 +304,8 @@ def test_vllm_backend_maps_sampling_and_outputs(monkeypatch, tiny_model_dir):
         "dtype": "bfloat16",
         "max_model_len": 512,
     }
-    assert [c.text for c in rows[1]] == ["p2#0", "p2#1", "p2#2"]
+    assert [c.text for c in rows[1]] == ["1#0", "1#1", "1#2"]
+    assert calls["prompts"][1] == {"prompt_token_ids": encode_prompt(backend.tokenizer, "p2")}
     assert [(c.num_tokens, c.finish_reason) for c in rows[0]] == [(1, "length"), (2, "stop"), (3, "stop")]
     first = calls["params"][0]
     assert {k: first[k] for k in ("n", "temperature", "top_p", "max_tokens")} == {

@@ -74,6 +74,14 @@ class GenerationBackend:
         """Free the model (evaluation may load a scorer next)."""
 
 
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a rendered prompt. A chat template already writes the BOS token into the text, so special
+    tokens are added only when the text does not start with it (plain prompts of base models that expect a BOS)."""
+    bos = tokenizer.bos_token
+    add_special_tokens = not (bos and prompt.startswith(bos))
+    return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+
+
 def _device(prefer: str | None = None) -> str:
     import torch
 
@@ -115,6 +123,8 @@ class HFBackend(GenerationBackend):
         self.model, self.tokenizer = load_model_and_tokenizer(
             model, dtype=self.dtype, device=self.device, padding_side="left"
         )
+        if hasattr(self.model, "merge_and_unload"):  # a PEFT adapter: fold it into the weights, generation is faster
+            self.model = self.model.merge_and_unload()
         self.model.eval()
         self.batch_size = batch_size
         eos = self.model.generation_config.eos_token_id
@@ -131,7 +141,7 @@ class HFBackend(GenerationBackend):
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
         rows = [(p, j) for p in range(len(prompts)) for j in range(sampling.n)]
-        encoded = [self.tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+        encoded = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
         rows.sort(key=lambda row: -len(encoded[row[0]]))  # stable: samples of a prompt stay together
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         for start in range(0, len(rows), self.batch_size):
@@ -235,7 +245,10 @@ class VLLMBackend(GenerationBackend):
             )
             for prompt in prompts
         ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False, lora_request=self.lora_request)
+        # token ids, not text: vLLM would add a second BOS to a chat-templated prompt; this way both backends see
+        # exactly the same tokens
+        token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, prompt)} for prompt in prompts]
+        outputs = self.llm.generate(token_prompts, params, use_tqdm=False, lora_request=self.lora_request)
         results = []
         for output in outputs:
             results.append(

@@ -391,7 +391,8 @@ def _merge(output_dir: Path, problems) -> list[dict]:
     ordered = [by_id[i] for i in order] + [record for i, record in by_id.items() if i not in set(order)]
     samples_path = output_dir / SAMPLES_FILE
     parts = [path for path in files if path != samples_path]
-    if parts or [record["id"] for record in read_records(samples_path)] != [r["id"] for r in ordered]:
+    stored = [record["id"] for record in read_records(samples_path)] if samples_path.exists() else None
+    if parts or stored != [record["id"] for record in ordered]:
         write_records_atomic(samples_path, ordered)
         for path in parts:
             path.unlink()
