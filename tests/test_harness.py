@@ -408,3 +408,18 @@ def test_smollm2_greedy_generation_does_not_depend_on_batching(smollm2_path):
     backend.batch_size = 1
     single = backend.generate(prompts, sampling)
     assert [[c.text for c in row] for row in batched] == [[c.text for c in row] for row in single]
+
+
+def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
+    from align.cli import main
+
+    data = tmp_path / "problems.jsonl"
+    rows = [{"id": "a", "problem": "What is $1 + 2$?", "answer": "3"}, {"id": "b", "problem": "What is $2 + 2$?"}]
+    data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
+    argv = ["eval", "--dataset", str(data), "--n", "2", "--prompt_style", "plain", "--backend", "hf", "--no_progress"]
+    assert main([*argv, "--output_dir", str(tmp_path / "strict")]) == 2
+    assert "row 1, field 'answer'" in capsys.readouterr().err
+    assert main([*argv, "--output_dir", str(tmp_path / "lenient"), "--skip_invalid"]) == 0
+    summary = json.loads((tmp_path / "lenient" / "summary.json").read_text())
+    assert summary["skipped_rows"] == 1 and summary["num_problems"] == 1 and summary["metrics"]["pass@2"] == 1.0
