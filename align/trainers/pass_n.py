@@ -336,7 +336,7 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
         solved = scored & (result.num_correct > 0)
         metrics = self._metrics[mode]
         metrics["pass_n/p_hat_mean"].append(p_hat.mean().item())
-        metrics["pass_n/p_hat_std"].append(p_hat.std(unbiased=False).item())
+        metrics["pass_n/p_hat_std"].append(p_hat.std(correction=0).item())
         metrics["pass_n/frac_no_correct"].append((p_hat == 0).double().mean().item())
         metrics["pass_n/frac_all_correct"].append((p_hat == 1).double().mean().item())
         metrics["pass_n/weight_mean"].append((result.weights.sum() / result.num_scored.sum()).item())
