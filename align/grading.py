@@ -13,15 +13,19 @@ pool of worker processes that this module owns:
 - each worker's address space is capped (`memory_limit_mb`), so a runaway answer fails inside its worker instead of
   exhausting the machine.
 
-What is graded (the same recipe as TRL's and open-r1's math accuracy rewards, built on math-verify's LaTeX path):
+What is graded:
 
-- the prediction is the last `\\boxed{...}` of the completion, or a LaTeX answer anchored by "final answer is" /
-  "answer:"; a completion with neither has verdict `no_answer`. Bare numbers outside math mode are not extracted:
-  the prompt asks for `\\boxed{}`, and math-verify's plain-expression path goes through sympy's `parse_expr`
-  (an `eval`), which is never run on model output here;
-- the gold is the dataset's `answer` field, parsed as `\\boxed{answer}`;
+- the prediction is the completion's final answer (`align.data.answers.final_answer`): its last non-empty
+  `\\boxed{...}`, else the math of its last "final answer is $...$". A completion with neither has verdict
+  `no_answer`. This is stricter than math-verify's own extraction, which also takes any math within 50 characters
+  after the word "answer": on small models that turns a restated question ("the answer to $80 - 18$ is ...") into
+  a correct verdict for "What is $80 - 18$?". Bare numbers in prose are not answers either: the prompt asks for
+  `\\boxed{}`;
+- the gold is the dataset's `answer` field. Both are parsed by math-verify's LaTeX path as `\\boxed{...}` (its
+  plain-expression path goes through sympy's `parse_expr`, an `eval`, and is never run on model output);
 - equivalence is `math_verify.verify(gold, prediction)`: string match, numeric match (6 decimals), symbolic
-  simplification, sets, intervals, tuples and matrices. Injection strings such as
+  simplification, sets, intervals, tuples and matrices, after math-verify's normalization of units, `^\\circ`,
+  `\\%`, `\\text{}`, `\\left`/`\\right`, `\\frac12`, ... Injection strings such as
   `\\boxed{__import__('os').system('...')}` are LaTeX to the parser: a product of symbols, never code.
 
 Verdicts: `correct`, `incorrect`, `no_answer` (nothing extractable), `timeout` (grading did not finish in time, or
@@ -78,47 +82,35 @@ def _raise_soft_timeout(signum, frame):
 
 
 @lru_cache(maxsize=1)
-def _extraction_configs():
+def _extraction_config():
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import LatexExtractionConfig
 
     normalization = NormalizationConfig(basic_latex=True, units=True, malformed_operators=True, nits=True, boxed="all")
-    prediction = [
-        LatexExtractionConfig(
-            normalization_config=normalization, boxed_match_priority=0, try_extract_without_anchor=False
-        )
-    ]
-    gold = [LatexExtractionConfig(normalization_config=normalization, boxed_match_priority=0)]
-    return prediction, gold
+    return [LatexExtractionConfig(normalization_config=normalization, boxed_match_priority=0)]
 
 
 @lru_cache(maxsize=4096)
-def _parse_reference(answer: str) -> tuple:
-    """A gold (or already extracted) answer, parsed as `\\boxed{answer}`; cached because n samples share a gold."""
+def _parse_answer(answer: str) -> tuple:
+    """An answer (gold or extracted) parsed as `\\boxed{answer}`; cached because n samples share a gold."""
     from math_verify import parse
 
-    _, gold_config = _extraction_configs()
-    return tuple(parse(f"\\boxed{{{answer}}}", gold_config, parsing_timeout=None))
-
-
-def _extracted_text(parsed: list) -> str:
-    """math-verify returns [sympy_expr, matched_latex] (or just one of them); prefer the matched LaTeX."""
-    return next((item for item in reversed(parsed) if isinstance(item, str)), str(parsed[0]))
+    return tuple(parse(f"\\boxed{{{answer}}}", _extraction_config(), parsing_timeout=None))
 
 
 def grade_answer(completion: str, gold: str) -> tuple[str, str | None]:
     """(verdict, extracted answer) of one completion. No timeout of its own: run it through `Grader`."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
-    prediction_config, _ = _extraction_configs()
-    predicted = parse(completion, prediction_config, extraction_mode="first_match", parsing_timeout=None)
-    if not predicted:
+    from align.data.answers import final_answer
+
+    extracted = final_answer(completion)
+    if extracted is None:
         return "no_answer", None
-    extracted = _extracted_text(predicted)
-    reference = _parse_reference(gold)
-    if not reference:
+    predicted, reference = _parse_answer(extracted), _parse_answer(gold)
+    if not predicted or not reference:
         return "incorrect", extracted
-    correct = verify(list(reference), predicted, timeout_seconds=None)
+    correct = verify(list(reference), list(predicted), timeout_seconds=None)
     return ("correct" if correct else "incorrect"), extracted
 
 
@@ -128,7 +120,7 @@ def answers_equivalent(a: str, b: str) -> bool:
 
     if a.strip() == b.strip():
         return True
-    first, second = _parse_reference(a), _parse_reference(b)
+    first, second = _parse_answer(a), _parse_answer(b)
     return bool(first and second) and verify(list(first), list(second), timeout_seconds=None)
 
 
@@ -154,7 +146,8 @@ def _worker_main(conn_in, conn_out, soft_timeout_s: float, memory_limit_mb: int 
     logging.disable(logging.CRITICAL)  # math-verify logs a warning for every unparsable answer
     try:
         _limit_memory(memory_limit_mb)
-        _extraction_configs()
+        _extraction_config()
+        grade_answer("$\\boxed{1}$", "1")  # import everything grading touches before the first timed item
         signal.signal(signal.SIGALRM, _raise_soft_timeout)
     except BaseException:
         conn_out.send(("failed", traceback.format_exc()))

@@ -1,9 +1,9 @@
 """Grading throughput: align's worker pool (`align.grading.Grader`) vs math-verify called inline, 2,000 answers.
 
 Baseline = what a script without align does: `math_verify.parse` + `verify` in the main process with math-verify's
-own signal timeouts, one answer after the other. Ours = `Grader.grade_many` over the same items with one worker per
-CPU (workers started before the clock; their start-up is reported separately). Both use the same extraction
-configuration, and the benchmark checks that they reach the same verdicts.
+own signal timeouts, one answer after the other (same answer extraction and configuration as ours). Ours =
+`Grader.grade_many` over the same items with one worker per CPU (workers started before the clock; their start-up
+is reported separately). The benchmark checks that both reach the same verdicts.
 
 The 2,000 answers mix what an evaluation sees: MATH-500 reference solutions against their own answer and against
 another problem's answer (when ALIGN_MATH500 is set), sampled-style synthetic completions (right, off by one, as a
@@ -56,23 +56,31 @@ def mixed_items(num_items: int = NUM_ITEMS, seed: int = 0) -> list[tuple[str, st
     return items[:num_items]
 
 
-def grade_inline(items, prediction_config, gold_config) -> list[bool]:
+def grade_inline(items, extraction_config) -> list[bool]:
+    """The same grading as the pool's, one item after the other in this process, with math-verify's own (signal)
+    timeouts: extract the final answer, parse it and the gold with math-verify, verify."""
     from math_verify import parse, verify
+
+    from align.data.answers import final_answer
 
     verdicts = []
     for completion, gold in items:
-        predicted = parse(completion, prediction_config, extraction_mode="first_match")
-        reference = parse(f"\\boxed{{{gold}}}", gold_config)
+        extracted = final_answer(completion)
+        if extracted is None:
+            verdicts.append(False)
+            continue
+        predicted = parse(f"\\boxed{{{extracted}}}", extraction_config)
+        reference = parse(f"\\boxed{{{gold}}}", extraction_config)
         verdicts.append(bool(predicted) and bool(reference) and verify(reference, predicted))
     return verdicts
 
 
 def main(repeats: int = 3) -> dict:
-    from align.grading import Grader, _extraction_configs
+    from align.grading import Grader, _extraction_config
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     items = mixed_items()
-    prediction_config, gold_config = _extraction_configs()
+    extraction_config = _extraction_config()
     workers = len(os.sched_getaffinity(0))
     times = {"pool": [], "inline": []}
     peaks = {"pool": 0.0, "inline": 0.0}
@@ -92,7 +100,7 @@ def main(repeats: int = 3) -> dict:
         grader.close()
         with peak_rss() as memory:
             began = time.perf_counter()
-            inline_results = grade_inline(items, prediction_config, gold_config)
+            inline_results = grade_inline(items, extraction_config)
             times["inline"].append(time.perf_counter() - began)
         peaks["inline"] = max(peaks["inline"], memory["peak_mib"])
         same = sum(p.correct == i for p, i in zip(pool_results, inline_results))

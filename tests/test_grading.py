@@ -89,6 +89,8 @@ def test_extraction_takes_the_last_boxed_answer_and_needs_an_anchor(grader):
     # a bare number is not an answer: the prompt asks for \boxed{}, and plain text is never eval-ed
     assert grader.grade("so it is 7", "7") == GradeResult("no_answer", None)
     assert grader.grade("", "7") == GradeResult("no_answer", None)
+    # math-verify alone would take "$80 - 18$" after the word "answer" and grade it equal to 62
+    assert grader.grade("To find the answer to $80 - 18$, I add. So it is 6.", "62").verdict == "no_answer"
 
 
 def test_results_keep_input_order_and_duplicates(grader):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from align.data.answers import last_boxed, split_gsm8k_answer
+from align.data.answers import boxed_answers, final_answer, last_boxed, split_gsm8k_answer
 from align.data.loaders import (
     HUB_SOURCES,
     DatasetUnavailableError,
@@ -53,6 +53,21 @@ def test_last_boxed_handles_nesting_fbox_and_bare_forms():
     assert last_boxed("the answer is $\\boxed 5$.") == "5"
     assert last_boxed("no answer here") is None
     assert last_boxed("unclosed \\boxed{12") is None
+
+
+def test_last_boxed_skips_empty_boxes_and_scans_pathological_text_quickly():
+    assert last_boxed("$\\boxed{3}$. Put your final answer within \\boxed{}.") == "3"
+    assert boxed_answers("\\boxed{\\{1,2\\}} and \\fbox{x}") == ["\\{1,2\\}", "x"]
+    assert last_boxed("\\boxed{" * 200_000) is None  # linear scan, no quadratic re-scanning
+
+
+def test_final_answer_is_the_box_or_an_explicit_final_answer_statement():
+    assert final_answer("so $\\boxed{ 12 }$") == "12"
+    assert final_answer("Thus the final answer is $\\frac{1}{2}$. I hope it is correct.") == "\\frac{1}{2}"
+    assert final_answer("The final answer is \\(x = 3\\)") == "x = 3"
+    # a restated question or a number in prose is not an answer the model committed to
+    assert final_answer("To find the answer to $80 - 18$, we think. The answer is 6.") is None
+    assert final_answer("The final answer is within \\boxed{}.") is None
 
 
 def test_split_gsm8k_answer():

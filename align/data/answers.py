@@ -1,7 +1,8 @@
-"""Reference answers out of worked solutions: the last `\\boxed{}` (MATH) and the text after `####` (GSM8K).
+"""Final answers out of text: the last `\\boxed{}` (MATH solutions and model completions), a "final answer is $...$"
+statement, and the text after `####` (GSM8K).
 
-These operate on trusted dataset text (reference solutions), not on model output, which only ever goes through
-`align.grading`. They are plain string scans: nothing is parsed or evaluated.
+These are plain string scans in linear time: nothing is parsed or evaluated, so they are safe on untrusted model
+output (whose equivalence to a gold answer is then decided by `align.grading`, in worker processes).
 """
 
 from __future__ import annotations
@@ -9,34 +10,77 @@ from __future__ import annotations
 import re
 
 
-_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|[{}]")
+_BARE_ARGUMENT = re.compile(r" +([^\s${}]+)")
+_NON_SPACE = re.compile(r"\S")
 _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
+# "final answer is $x$" (or \(x\), \[x\], $$x$$), the statement the Minerva / lm-eval MATH prompts ask for
+_FINAL_ANSWER = re.compile(
+    r"final answer is:?\s*(?:\$\$(?P<display>[^$]{1,1000}?)\$\$|\$(?P<inline>[^$]{1,1000}?)\$"
+    r"|\\\((?P<paren>.{1,1000}?)\\\)|\\\[(?P<bracket>.{1,1000}?)\\\])",
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _boxed_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of the content of every closed `\\boxed{...}` / `\\fbox{...}`, sorted by start.
+
+    One pass over the box commands and braces with a stack of open boxes, so even `\\boxed{` repeated a million times
+    costs linear time. The brace-less form `\\boxed 5` (a few MATH solutions) spans the token after the space.
+    """
+    spans: list[tuple[int, int]] = []
+    open_boxes: list[tuple[int, int]] = []  # (content start, brace depth outside the box)
+    depth = 0
+    skip_brace_at = -1  # the "{" that opens a box was already counted with its command
+    for match in _BOX_TOKENS.finditer(text):
+        token, at = match.group(), match.start()
+        if token == "{":
+            if at != skip_brace_at:
+                depth += 1
+        elif token == "}":
+            if depth == 0:
+                continue
+            depth -= 1
+            if open_boxes and open_boxes[-1][1] == depth:
+                spans.append((open_boxes.pop()[0], at))
+        elif text.startswith("{", match.end()):
+            open_boxes.append((match.end() + 1, depth))
+            depth += 1
+            skip_brace_at = match.end()
+        else:
+            bare = _BARE_ARGUMENT.match(text, match.end())
+            if bare:
+                spans.append(bare.span(1))
+    return sorted(spans)
+
+
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every closed `\\boxed{...}` / `\\fbox{...}` in `text`, in order of their opening."""
+    return [text[start:end] for start, end in _boxed_spans(text)]
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) in `text`, braces balanced; None if there is none.
+    """Content of the last non-empty `\\boxed{...}` (or `\\fbox{...}`) in `text`; None if there is none.
 
-    Also accepts the brace-less form `\\boxed 5` that appears in a few MATH solutions (the argument then ends at the
-    next space, `$` or end of text). An unclosed `\\boxed{` yields None rather than a truncated answer.
+    Empty boxes are skipped: models often repeat the instruction "put your final answer within \\boxed{}" after
+    their answer. An unclosed `\\boxed{` yields nothing rather than a truncated answer.
     """
-    start = max(text.rfind(command) for command in _BOX_COMMANDS)
-    if start < 0:
-        return None
-    command = next(command for command in _BOX_COMMANDS if text.startswith(command, start))
-    rest = text[start + len(command) :]
-    if rest.startswith(" "):
-        bare = re.match(r" +([^\s$]+)", rest)
-        return bare.group(1) if bare else None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for position, char in enumerate(rest):
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return rest[1:position]
+    for start, end in reversed(_boxed_spans(text)):
+        if _NON_SPACE.search(text, start, end):
+            return text[start:end]
+    return None
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a completion commits to: its last non-empty `\\boxed{}`, else the math of its last
+    "final answer is $...$" statement; None when it does neither (prose and restated expressions do not count)."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed.strip()
+    for match in reversed(list(_FINAL_ANSWER.finditer(text))):
+        content = next(group for group in match.groups() if group is not None).strip()
+        if content:
+            return content
     return None
 
 
