@@ -65,6 +65,8 @@ def test_final_answer_is_the_box_or_an_explicit_final_answer_statement():
     assert final_answer("so $\\boxed{ 12 }$") == "12"
     assert final_answer("Thus the final answer is $\\frac{1}{2}$. I hope it is correct.") == "\\frac{1}{2}"
     assert final_answer("The final answer is \\(x = 3\\)") == "x = 3"
+    assert final_answer("So the answer is $36$. Or is it? The answer is: $$37$$") == "37"
+    assert final_answer("Final Answer: $\\frac{3}{4}$") == "\\frac{3}{4}"
     # a restated question or a number in prose is not an answer the model committed to
     assert final_answer("To find the answer to $80 - 18$, we think. The answer is 6.") is None
     assert final_answer("The final answer is within \\boxed{}.") is None

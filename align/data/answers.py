@@ -14,9 +14,9 @@ _BOX_TOKENS = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])|[{}]")
 _BARE_ARGUMENT = re.compile(r" +([^\s${}]+)")
 _NON_SPACE = re.compile(r"\S")
 _GSM8K_CALCULATOR = re.compile(r"<<[^<>]*>>")
-# "final answer is $x$" (or \(x\), \[x\], $$x$$), the statement the Minerva / lm-eval MATH prompts ask for
+# "(final) answer is $x$" / "answer: $x$" (or \(x\), \[x\], $$x$$) with nothing but spaces before the math
 _FINAL_ANSWER = re.compile(
-    r"final answer is:?\s*(?:\$\$(?P<display>[^$]{1,1000}?)\$\$|\$(?P<inline>[^$]{1,1000}?)\$"
+    r"\banswer(?:\s+is:?|\s*:)\s*(?:\$\$(?P<display>[^$]{1,1000}?)\$\$|\$(?P<inline>[^$]{1,1000}?)\$"
     r"|\\\((?P<paren>.{1,1000}?)\\\)|\\\[(?P<bracket>.{1,1000}?)\\\])",
     re.IGNORECASE | re.DOTALL,
 )
@@ -72,8 +72,9 @@ def last_boxed(text: str) -> str | None:
 
 
 def final_answer(text: str) -> str | None:
-    """The answer a completion commits to: its last non-empty `\\boxed{}`, else the math of its last
-    "final answer is $...$" statement; None when it does neither (prose and restated expressions do not count)."""
+    """The answer a completion commits to: its last non-empty `\\boxed{}`, else the math of its last "answer is $...$"
+    or "answer: $...$" statement (math right after the words); None when it does neither. Math elsewhere near the
+    word "answer" ("the answer to $80 - 18$ is ...") and numbers in prose are not answers."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed.strip()
