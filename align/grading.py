@@ -16,11 +16,11 @@ pool of worker processes that this module owns:
 What is graded:
 
 - the prediction is the completion's final answer (`align.data.answers.final_answer`): its last non-empty
-  `\\boxed{...}`, else the math of its last "final answer is $...$". A completion with neither has verdict
-  `no_answer`. This is stricter than math-verify's own extraction, which also takes any math within 50 characters
-  after the word "answer": on small models that turns a restated question ("the answer to $80 - 18$ is ...") into
-  a correct verdict for "What is $80 - 18$?". Bare numbers in prose are not answers either: the prompt asks for
-  `\\boxed{}`;
+  `\\boxed{...}`, else the math right after its last "answer is" / "answer:". A completion with neither has
+  verdict `no_answer`. This is stricter than math-verify's own extraction, which also takes any math within 50
+  characters after the word "answer": on small models that turns a restated question ("the answer to $80 - 18$
+  is ...") into a correct verdict for "What is $80 - 18$?". Bare numbers in prose are not answers either: the
+  prompt asks for `\\boxed{}`;
 - the gold is the dataset's `answer` field. Both are parsed by math-verify's LaTeX path as `\\boxed{...}` (its
   plain-expression path goes through sympy's `parse_expr`, an `eval`, and is never run on model output);
 - equivalence is `math_verify.verify(gold, prediction)`: string match, numeric match (6 decimals), symbolic
