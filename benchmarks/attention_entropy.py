@@ -58,6 +58,26 @@ def _setup():
     return tokenizer, model, thresholds, settings, optimizer, probe
 
 
+def _saved_activation_mib(forward, parameters: set[int]) -> float:
+    """MiB of distinct tensors autograd keeps for the backward of `forward()`, parameters excluded.
+
+    Unlike peak RSS inside one process (the allocator keeps what an earlier variant freed), this is the activation
+    memory a variant adds, independent of the order the variants ran in.
+    """
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = forward()
+    del loss
+    return round(sum(storages.values()) / 2**20, 1)
+
+
 def main(repeats: int = 3) -> list[dict]:
     from align.diagnostics.attention import ATTENTION_IMPLEMENTATION, AttentionEntropyRecorder, HeadEntropyAccumulator
     from align.trainers.entropy import attention_entropy_penalty
@@ -65,24 +85,29 @@ def main(repeats: int = 3) -> list[dict]:
     tokenizer, model, thresholds, settings, optimizer, _probe = _setup()
     config = model.config
     recorder = AttentionEntropyRecorder()
+    parameters = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *thresholds.parameters()]}
 
-    def plain_step(implementation: str, batch: dict):
+    def plain_forward(implementation: str, batch: dict) -> torch.Tensor:
         model.set_attn_implementation(implementation)
-        loss = -model(**batch, fused_lm_head=True).log_probs.mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        return -model(**batch, fused_lm_head=True).log_probs.mean()
 
-    def regularized_step(batch: dict):
+    def regularized_forward(batch: dict) -> torch.Tensor:
         model.set_attn_implementation(ATTENTION_IMPLEMENTATION)
         with recorder:
             loss = -model(**batch, fused_lm_head=True).log_probs.mean()
         records = recorder.layer_records()
-        loss = loss + settings.attention_entropy_coef * attention_entropy_penalty(
-            records, thresholds.thresholds(), settings
-        )
+        penalty = attention_entropy_penalty(records, thresholds.thresholds(), settings)
         HeadEntropyAccumulator(config.num_hidden_layers, config.num_attention_heads).add(records)  # metrics
-        loss.backward()
+        return loss + settings.attention_entropy_coef * penalty
+
+    forwards = {
+        "sdpa": lambda batch: plain_forward("sdpa", batch),
+        "eager": lambda batch: plain_forward("eager", batch),
+        "regularized": regularized_forward,
+    }
+
+    def step(forward, batch: dict) -> None:
+        forward(batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -90,13 +115,12 @@ def main(repeats: int = 3) -> list[dict]:
     for length in SEQUENCE_LENGTHS:
         batch = _batch(tokenizer, length)
         timings = interleaved(
-            {
-                "sdpa": lambda b=batch: plain_step("sdpa", b),
-                "eager": lambda b=batch: plain_step("eager", b),
-                "regularized": lambda b=batch: regularized_step(b),
-            },
-            repeats=repeats,
+            {name: (lambda f=forward, b=batch: step(f, b)) for name, forward in forwards.items()}, repeats=repeats
         )
+        activations = {
+            name: _saved_activation_mib(lambda f=forward, b=batch: f(b), parameters)
+            for name, forward in forwards.items()
+        }
         sdpa = timings["sdpa"]["median_s"]
         results.append(
             emit(
@@ -109,17 +133,23 @@ def main(repeats: int = 3) -> list[dict]:
                 ratio_vs_sdpa={name: ratio(t["median_s"], sdpa) for name, t in timings.items()},
                 target_ratio_vs_sdpa=1.3,
                 meets_target=timings["regularized"]["median_s"] <= 1.3 * sdpa,
-                peak_rss_mib={name: t["peak_rss_mib"] for name, t in timings.items()},
+                saved_activation_mib=activations,
+                activation_ratio_vs_sdpa={name: ratio(mib, activations["sdpa"]) for name, mib in activations.items()},
+                peak_rss_mib=(
+                    {name: t["peak_rss_mib"] for name, t in timings.items()}
+                    | {"note": "above each run's start, in one process: the allocator keeps earlier variants' memory"}
+                ),
                 times_s={name: t["times_s"] for name, t in timings.items()},
                 note="full fine-tuning step: fused-LM-head forward + backward + AdamW, fp32, CPU",
             )
         )
-    results.append(_profile(regularized_step, _batch(tokenizer, SEQUENCE_LENGTHS[-1]), SEQUENCE_LENGTHS[-1]))
+    length = SEQUENCE_LENGTHS[-1]
+    results.append(_profile(lambda batch: step(regularized_forward, batch), _batch(tokenizer, length), length))
     return results
 
 
 def _profile(step, batch: dict, length: int) -> dict:
-    """Self-CPU time of one regularized step by operator group."""
+    """Where one regularized step's CPU time goes: top operators, and the entropy's own share (inclusive)."""
     from torch.profiler import ProfilerActivity, profile
 
     step(batch)  # warm
@@ -128,22 +158,24 @@ def _profile(step, batch: dict, length: int) -> dict:
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    by_name = {e.key: e for e in events}
 
-    def share(*names: str) -> float:
-        return round(sum(by_name[n].self_cpu_time_total for n in names if n in by_name) / total, 4)
+    def inclusive_share(fragment: str) -> float:
+        matching = [e.cpu_time_total for e in events if fragment in e.key]
+        return round(max(matching, default=0) / total, 4)
+
+    def self_share(*names: str) -> float:
+        return round(sum(e.self_cpu_time_total for e in events if e.key in names) / total, 4)
 
     return emit(
         "attention_entropy_profile",
         seq_len=length,
         batch_size=BATCH_SIZE,
         step_cpu_s=round(total / 1e6, 3),
-        # `attention_entropy` wraps the forward-only extra work in entropy_eager: row entropies + recorded stats
-        entropy_forward_share=round(
-            by_name["attention_entropy"].cpu_time_total / total if "attention_entropy" in by_name else 0.0, 4
-        ),
-        entropy_backward_share=share("_RowEntropyBackward"),
-        softmax_share=share("aten::_softmax", "aten::_softmax_backward_data"),
+        # entropy_eager's extra forward work (row entropies + recorded statistics), and its backward
+        entropy_forward_share=inclusive_share("attention_entropy"),
+        entropy_backward_share=inclusive_share("_RowEntropyBackward"),
+        attention_bmm_share=self_share("aten::bmm"),
+        softmax_share=self_share("aten::_softmax", "aten::_softmax_backward_data"),
         top_ops=[{"op": e.key, "self_share": round(e.self_cpu_time_total / total, 4)} for e in top],
     )
 
