@@ -77,3 +77,35 @@ def test_train_explains_bf16_on_cpu(tmp_path):
         timeout=120,
     )
     assert proc.returncode != 0 and "bf16: false" in proc.stderr
+
+
+def test_trainer_format_files_are_used_as_is(tmp_path):
+    """Rows already in a trainer's format (e.g. from `align data pairs`, or implicit-prompt pairs) are not rebuilt."""
+    import json
+
+    from align.commands.train import build_datasets
+    from align.configs import DataArguments
+
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [
+        {
+            "chosen": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"}],
+            "rejected": [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "3"}],
+        }
+    ] * 3
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    train, evaluation = build_datasets("preference", DataArguments(dataset_name=str(pairs), max_train_samples=2), 0)
+    assert len(train) == 2 and train[0]["chosen"] == rows[0]["chosen"] and evaluation is None
+
+
+def test_problem_files_are_converted_to_the_method_format(tmp_path):
+    import json
+
+    from align.commands.train import build_datasets
+    from align.configs import DataArguments
+
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text(json.dumps({"problem": "What is $2+2$?", "answer": "4", "solution": "$\\boxed{4}$"}) + "\n")
+    train, _ = build_datasets("outcome", DataArguments(dataset_name=str(problems), negatives_per_problem=2), 0)
+    assert [row["label"] for row in train] == [True, False, False]
+    assert train[0]["prompt"][0]["content"].startswith("What is $2+2$?")

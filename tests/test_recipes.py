@@ -13,18 +13,22 @@ from align.cli import main as align_main
 
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*/*.yaml"))
-LAUNCH_LINE = re.compile(r"align train (\w+) --config (\S+)")
+LAUNCH_LINE = re.compile(r"(?:align|align\.cli)\s+train\s+(\w+)\s+--config\s+(\S+)")
 
 
 def method_of(recipe: Path) -> str:
+    """The method named by the header's launch line (continuation backslashes joined)."""
+    header = []
     for line in recipe.read_text().splitlines():
-        match = LAUNCH_LINE.search(line)
-        if line.startswith("#") and match:
-            assert match.group(2).endswith(str(recipe.relative_to(recipe.parents[2]))), (
-                f"{recipe}: the launch line names {match.group(2)}"
-            )
+        if not line.startswith("#"):
+            break
+        header.append(line.lstrip("#").strip())
+    text = " ".join(header).replace("\\ ", " ")
+    expected = str(recipe.relative_to(recipe.parents[2]))
+    for match in LAUNCH_LINE.finditer(text):
+        if match.group(2).endswith(expected):
             return match.group(1)
-    raise AssertionError(f"{recipe}: no '# align train <method> --config {recipe.name}' line in the header")
+    raise AssertionError(f"{recipe}: no '# align train <method> --config {expected}' launch line in the header")
 
 
 def test_there_are_recipes():

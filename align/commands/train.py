@@ -40,6 +40,12 @@ METHODS: dict[str, Method] = {
         "sft",
         "Direct Coverage Optimization: pass@N loss -log(1-(1-p̂)^N) that limits over-confidence (sequence/step/p̂)",
     ),
+    "margin": Method(
+        "align.trainers.margin:MarginPreferenceConfig",
+        "align.trainers.margin:MarginPreferenceTrainer",
+        "preference",
+        "margin losses (DPO/IPO/SLiC/SimPO/R-DPO/DPOP/CPO) with live gradient-entanglement diagnostics",
+    ),
     "prm": Method(
         "align.trainers.implicit_prm:ImplicitPRMConfig",
         "align.trainers.implicit_prm:ImplicitPRMTrainer",
@@ -103,25 +109,35 @@ def build_datasets(kind: str, data_args, seed: int):
     """Train (and optional eval) `datasets.Dataset` in the trainer's format for `kind`."""
     from datasets import Dataset
 
-    from align.data.loaders import is_local_file, load_problems, read_local_rows
+    from align.data.loaders import HUB_SOURCES, is_local_file, load_problems, read_hub_rows, read_local_rows
     from align.data.training import is_trainer_format, rows_for_kind
 
+    name = data_args.dataset_name
+
+    def raw_rows(split: str) -> list[dict] | None:
+        """Rows of a local file or of a Hub dataset that is not a known problem source (None otherwise)."""
+        if is_local_file(name):
+            return read_local_rows(name)
+        if "/" in name and name not in HUB_SOURCES and not name.endswith((".jsonl", ".json", ".parquet")):
+            return read_hub_rows(((name, (data_args.dataset_config,)),), split)[1]
+        return None
+
     def rows_for(split: str, limit: int | None) -> list[dict]:
-        if is_local_file(data_args.dataset_name):
-            rows = read_local_rows(data_args.dataset_name)
-            if rows and is_trainer_format(rows[0].keys(), kind):
-                return rows[:limit] if limit is not None else rows
-        if data_args.dataset_name == "synthetic" and limit is None:
+        rows = raw_rows(split)
+        if rows and is_trainer_format(rows[0].keys(), kind):
+            return rows[:limit] if limit is not None else rows
+        if name == "synthetic" and limit is None:
             limit = (
                 data_args.synthetic_num_train
                 if split == data_args.dataset_train_split
                 else data_args.synthetic_num_eval
             )
         loaded = load_problems(
-            data_args.dataset_name,
+            name,
             split,
             limit=limit,
             skip_invalid=data_args.skip_invalid,
+            dataset_config=data_args.dataset_config,
             synthetic_levels=data_args.synthetic_levels,
             synthetic_seed=data_args.synthetic_seed,
         )

@@ -25,11 +25,13 @@ from align.data.synthetic import corrupt_solution
 
 DATASET_KINDS = ("sft", "preference", "outcome", "prompts")
 # Columns that mark a file as already being in a trainer's format (e.g. written by `align data ...`).
+# Any one of these column sets marks rows as already in the trainer's format (TRL accepts language-modeling `text` /
+# conversational `messages` for SFT, and preference pairs with the prompt left implicit in chosen/rejected).
 _TRAINER_FORMAT_COLUMNS = {
-    "sft": {"prompt", "completion"},
-    "preference": {"prompt", "chosen", "rejected"},
-    "outcome": {"prompt", "completion", "label"},
-    "prompts": {"prompt", "answer"},
+    "sft": [{"prompt", "completion"}, {"messages"}, {"text"}],
+    "preference": [{"prompt", "chosen", "rejected"}, {"chosen", "rejected"}],
+    "outcome": [{"prompt", "completion", "label"}],
+    "prompts": [{"prompt", "answer"}],
 }
 
 
@@ -113,7 +115,7 @@ def prompt_rows(problems: Iterable[Problem], instruction=DEFAULT_INSTRUCTION, st
 
 
 def is_trainer_format(columns: Iterable[str], kind: str) -> bool:
-    return _TRAINER_FORMAT_COLUMNS[kind] <= set(columns)
+    return any(required <= set(columns) for required in _TRAINER_FORMAT_COLUMNS[kind])
 
 
 def rows_for_kind(kind: str, problems: list[Problem], data_args, seed: int = 0) -> list[dict]:
