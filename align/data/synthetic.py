@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
@@ -180,17 +181,20 @@ def corrupt_solution(problem: Problem, rng: random.Random) -> tuple[str, str, in
     """A wrong solution with one arithmetic slip: returns (solution, wrong_answer, index_of_first_wrong_step).
 
     The slip is made in the last computed step and carried into the final answer, the way a careless
-    solver errs, so the wrong solution differs from the right one only from that step on.
+    solver errs, so the wrong solution differs from the right one only from that step on. Works for any problem
+    whose answer is an integer or a fraction and whose solution ends in a step stating `\\boxed{answer}` (the
+    synthetic task, most of GSM8K); other problems need sampled negatives (`align data pairs|outcome`).
     """
-    steps = problem.solution.split("\n\n")
-    *work, _ = steps
-    last = len(work) - 1
+    wrong = problem.answer
     for _ in range(100):
-        offset = rng.choice([-10, -2, -1, 1, 2, 10])
-        wrong = _shift_answer(problem.answer, offset)
+        wrong = _shift_answer(problem, rng.choice([-10, -2, -1, 1, 2, 10]))
         if wrong != problem.answer:
             break
+    *work, _ = problem.solution.split("\n\n") if problem.solution.strip() else [""]
+    if not work:  # a one-step solution: only the stated answer changes
+        return _finish([], wrong), wrong, 0
     # Replace the correct result where it is written last in the final working step ("= 68$." -> "= 69$.").
+    last = len(work) - 1
     marker = f"= {problem.answer}$" if "\\frac" not in problem.answer else problem.answer
     head, sep, tail = work[last].rpartition(marker)
     if sep:
@@ -200,12 +204,17 @@ def corrupt_solution(problem: Problem, rng: random.Random) -> tuple[str, str, in
     return _finish(work, wrong), wrong, last
 
 
-def _shift_answer(answer: str, offset: int) -> str:
+def _shift_answer(problem: Problem, offset: int) -> str:
+    answer = problem.answer.strip()
     if answer.lstrip("-").isdigit():
         return str(int(answer) + offset)
-    # a LaTeX fraction \frac{n}{d} (possibly negative): shift the numerator
-    sign = -1 if answer.startswith("-") else 1
-    body = answer.lstrip("-")
-    numerator, denominator = body[len("\\frac{") :].rstrip("}").split("}{")
-    value = Fraction(sign * int(numerator) + offset, int(denominator))
+    match = re.fullmatch(r"(-?)\\frac\{(\d+)\}\{(\d+)\}", answer)
+    if match is None:
+        raise ValueError(
+            f"Problem {problem.id!r}: cannot make an offline wrong solution for the answer {problem.answer!r} (only "
+            "integers and \\frac{n}{d} can be shifted). Build sampled negatives with `align data pairs` or "
+            "`align data outcome` and train on their output file instead."
+        )
+    sign, numerator, denominator = match.groups()
+    value = Fraction((-1 if sign else 1) * int(numerator) + offset, int(denominator))
     return _latex_fraction(value)
