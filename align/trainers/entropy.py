@@ -195,6 +195,13 @@ class AttentionEntropyParameters(nn.Module):
     def thresholds(self) -> torch.Tensor:
         return torch.sigmoid(self.threshold_logits)
 
+    def forward(self) -> torch.Tensor:
+        """theta, read through a module call.
+
+        DeepSpeed ZeRO-3 gathers a partitioned parameter only inside the forward of the module that owns it.
+        """
+        return self.thresholds()
+
     def temperature(self, layer: int) -> torch.Tensor | None:
         return None if self.log_temperature is None else torch.exp(self.log_temperature[layer])
 
@@ -436,7 +443,7 @@ class EntropyRegularizationMixin:
         divisor = self._loss_divisor(num_items_in_batch)
         extra, scalars = None, {}
         if settings.attention_entropy_coef > 0:
-            thresholds = self.attention_entropy_parameters.thresholds()
+            thresholds = self.attention_entropy_parameters()
             penalty = attention_entropy_penalty(records, thresholds, settings)
             extra = settings.attention_entropy_coef * penalty / divisor
             scalars["attention_entropy/penalty"] = penalty.detach()
