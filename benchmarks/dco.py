@@ -119,9 +119,9 @@ def main() -> list[dict]:
     records = []
     with tempfile.TemporaryDirectory(prefix="align-bench-tiny-") as tiny_dir:
         tiny = build_tiny_model(tiny_dir)
-        records.append(measure("tiny-llama", tiny, lora=False, batch_size=8, max_length=256, repeats=40))
+        records.append(measure("tiny-llama", tiny, lora=False, batch_size=8, max_length=256, repeats=200))
     smollm2 = resolve_model_path(DEFAULT_MODEL)
-    records.append(measure(DEFAULT_MODEL, smollm2, lora=True, batch_size=4, max_length=256, repeats=6))
+    records.append(measure(DEFAULT_MODEL, smollm2, lora=True, batch_size=4, max_length=256, repeats=8))
     return records
 
 

@@ -64,8 +64,8 @@ def _compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32) if tensor.is_floating_point() else torch.float32
 
 
-def _budget(n, like: torch.Tensor) -> torch.Tensor:
-    """The sample budget N as a tensor broadcastable to `like`; N must be finite and >= 1 (it may be fractional)."""
+def _budget(n, like: torch.Tensor) -> torch.Tensor | float:
+    """The sample budget N (finite, >= 1, possibly fractional): a float, or a tensor broadcastable to `like`."""
     if isinstance(n, torch.Tensor):
         budget = n.to(device=like.device, dtype=like.dtype)
         invalid = ~torch.isfinite(budget) | (budget < 1)
@@ -83,17 +83,24 @@ def _budget(n, like: torch.Tensor) -> torch.Tensor:
     value = float(n)
     if not math.isfinite(value) or value < 1:
         raise ValueError(f"The sample budget N must be finite and >= 1, got {n!r} (N = 1 is cross-entropy).")
-    return torch.tensor(value, device=like.device, dtype=like.dtype)
+    return value
 
 
-def _log_coverage_and_weight(s: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log C_N(p̂) and F(N, p̂) from s = log p̂ <= 0 (no autograd; see the module docstring for the formulas)."""
-    log_n = torch.log(n)
+def _log_coverage_and_weight(s: torch.Tensor, n: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+    """log C_N(p̂) and F(N, p̂) from s = log p̂ <= 0 (no autograd; see the module docstring for the formulas).
+
+    A scalar N (the common case) takes a few branches in Python that a per-example N needs as `torch.where`.
+    """
+    per_example = isinstance(n, torch.Tensor)
+    if not per_example and n == 1:  # cross-entropy exactly: C = p̂, F = 1
+        return s.clone(), torch.ones_like(s)
+    log_n = torch.log(n) if per_example else math.log(n)
     # Exact form in log space.
     log_q = log1mexp(s)  # log(1 - p̂): -inf at p̂ = 1
     log_c_exact = log1mexp(n * log_q)
-    # (N - 1) log(1 - p̂) is 0 * -inf = NaN at N = 1, p̂ = 1; its value there is 0 (the N = 1 case is exact below).
-    log_q_rest = torch.where(n > 1, (n - 1) * log_q, torch.zeros_like(log_q))
+    log_q_rest = (n - 1) * log_q
+    if per_example:  # (N - 1) log(1 - p̂) is 0 * -inf = NaN at N = 1, p̂ = 1, where its value is 0
+        log_q_rest = torch.where(n > 1, log_q_rest, torch.zeros_like(log_q))
     weight_exact = torch.exp(log_n + s + log_q_rest - log_c_exact)
     # Small N p̂: C = N p̂ (1 - a + b + O((N p̂)^3)) with a = (N - 1) p̂ / 2 and b = (N - 1)(N - 2) p̂^2 / 6, so
     # log C = log N + s + log1p(b - a); F = -dℓ/ds of that same expression (da/ds = a, db/ds = 2b), which keeps the
@@ -106,10 +113,10 @@ def _log_coverage_and_weight(s: torch.Tensor, n: torch.Tensor) -> tuple[torch.Te
     small = (s + log_n) < SMALL_COVERAGE_LOG_THRESHOLD
     log_c = torch.where(small, log_c_small, log_c_exact)
     weight = torch.where(small, weight_small, weight_exact)
-    # N = 1 is cross-entropy exactly: C = p̂, F = 1 (rather than the log1mexp round trip, which rounds).
-    is_ce = n == 1
-    log_c = torch.where(is_ce, s, log_c)
-    weight = torch.where(is_ce, torch.ones_like(weight), weight)
+    if per_example:  # N = 1 rows are cross-entropy exactly (rather than the log1mexp round trip, which rounds)
+        is_ce = n == 1
+        log_c = torch.where(is_ce, s, log_c)
+        weight = torch.where(is_ce, torch.ones_like(weight), weight)
     return log_c, weight
 
 
@@ -123,7 +130,7 @@ class _CoverageLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s: torch.Tensor, n: torch.Tensor):
+    def forward(ctx, s: torch.Tensor, n: torch.Tensor | float):
         # A log-probability is <= 0; a positive value can only be rounding noise of a log-softmax.
         log_c, weight = _log_coverage_and_weight(s.clamp(max=0), n)
         ctx.save_for_backward(weight)

@@ -342,8 +342,7 @@ class DCOTrainer(SFTTrainer):
         loss = result.loss
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * outputs.aux_loss
-        self._log_coverage_metrics(result, mode)
-        self._log_token_metrics(outputs, inputs, mode)
+        self._log_metrics(result, outputs, inputs, mode)
         if return_outputs:
             # `prediction_step` wants logits, which the fused head does not build: one extra forward, as in TRL.
             with torch.no_grad():
@@ -351,52 +350,49 @@ class DCOTrainer(SFTTrainer):
             return loss, outputs
         return loss
 
-    def _log_coverage_metrics(self, result: CoverageLossOutput, mode: str) -> None:
-        """dco/* metrics over the units of every process (a unit is a sequence, or a step in step mode)."""
-        mask = result.unit_mask
-        sequences = mask.any(-1)
-        zero = torch.zeros_like(result.weight)
-        sums = torch.stack(
-            [
-                torch.where(mask, result.weight, zero).sum(),
-                mask.sum().to(zero.dtype),
-                (mask & ~result.kept).sum().to(zero.dtype),
-                torch.where(mask, result.coverage, zero).sum(),
-                torch.where(sequences, result.seq_logp, 0.0).sum().to(zero.dtype),
-                sequences.sum().to(zero.dtype),
-            ]
-        )
-        weight_min = torch.where(mask, result.weight, torch.full_like(zero, math.inf)).min()
-        weight_sum, units, dropped, coverage_sum, logp_sum, num_sequences = (
-            self.accelerator.gather(sums[None]).view(-1, sums.numel()).sum(0).tolist()
-        )
-        weight_min = self.accelerator.gather(weight_min[None]).min().item()
-        if units == 0:  # nothing was trained on in this batch on any process
-            return
-        metrics = self._metrics[mode]
-        metrics["dco/weight_mean"].append(weight_sum / units)
-        metrics["dco/weight_min"].append(weight_min)
-        metrics["dco/dropped_frac"].append(dropped / units)
-        metrics["dco/coverage"].append(coverage_sum / units)
-        metrics["dco/seq_logp_mean"].append(logp_sum / num_sequences)
+    def _log_metrics(self, result: CoverageLossOutput, outputs, inputs, mode: str) -> None:
+        """dco/* metrics over the units of every process (a unit is a sequence, or a step in step mode), and the
+        metrics `SFTTrainer` logs (entropy, mean_token_accuracy, num_tokens, aux_loss) so DCO and SFT runs compare.
 
-    def _log_token_metrics(self, outputs, inputs, mode: str) -> None:
-        """The metrics `SFTTrainer` logs (entropy, mean_token_accuracy, num_tokens, aux_loss), so runs compare."""
-        counts = torch.stack(
+        Everything is reduced in one gather of per-process sums (a gather per metric costs more than the loss).
+        """
+        mask, weight = result.unit_mask, result.weight.float()
+        sequences = mask.any(-1)
+        label_mask = outputs.label_mask
+        aux_loss = outputs.aux_loss.detach().float() if self.aux_loss_enabled else weight.new_zeros(())
+        local = torch.stack(
             [
-                outputs.label_mask.sum().to(outputs.entropy.dtype),
-                outputs.entropy.detach().sum(),
-                outputs.is_top1.sum().to(outputs.entropy.dtype),
+                torch.where(mask, weight, 0.0).sum(),
+                mask.sum().float(),
+                (mask & ~result.kept).sum().float(),
+                torch.where(mask, result.coverage.float(), 0.0).sum(),
+                torch.where(sequences, result.seq_logp.float(), 0.0).sum(),
+                sequences.sum().float(),
+                label_mask.sum().float(),
+                torch.where(label_mask, outputs.entropy.detach().float(), 0.0).sum(),
+                (outputs.is_top1 & label_mask).sum().float(),
+                inputs["attention_mask"].sum().float(),
+                aux_loss,
+                -torch.where(mask, weight, math.inf).min(),  # max over processes of -min = -(global min)
             ]
-        ).float()
-        tokens, entropy_sum, top1 = self.accelerator.gather(counts[None]).view(-1, 3).sum(0).tolist()
-        self._metrics[mode]["entropy"].append(entropy_sum / tokens if tokens else 0.0)
-        self._metrics[mode]["mean_token_accuracy"].append(top1 / tokens if tokens else 0.0)
+        )
+        gathered = self.accelerator.gather(local[None]).view(-1, local.numel())
+        processes = gathered.shape[0]
+        (weight_sum, units, dropped, coverage_sum, logp_sum, num_sequences, tokens, entropy_sum, top1, seen, aux) = (
+            gathered[:, :-1].sum(0).tolist()
+        )
+        weight_min = -gathered[:, -1].max().item()
+        metrics = self._metrics[mode]
+        if units:  # else nothing in this batch was trained on, on any process
+            metrics["dco/weight_mean"].append(weight_sum / units)
+            metrics["dco/weight_min"].append(weight_min)
+            metrics["dco/dropped_frac"].append(dropped / units)
+            metrics["dco/coverage"].append(coverage_sum / units)
+            metrics["dco/seq_logp_mean"].append(logp_sum / num_sequences)
+        metrics["entropy"].append(entropy_sum / tokens if tokens else 0.0)
+        metrics["mean_token_accuracy"].append(top1 / tokens if tokens else 0.0)
         if mode == "train":
-            seen = inputs["attention_mask"].sum().reshape(1)
-            self._total_train_tokens += int(self.accelerator.gather(seen).sum().item()) // self._tp_size
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            self._total_train_tokens += int(seen) // self._tp_size
+        metrics["num_tokens"] = [self._total_train_tokens]
         if self.aux_loss_enabled:
-            self._metrics[mode]["aux_loss"].append(
-                self.accelerator.gather(outputs.aux_loss.detach()[None]).mean().item()
-            )
+            metrics["aux_loss"].append(aux / processes)
