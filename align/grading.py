@@ -7,9 +7,10 @@ pool of worker processes that this module owns:
 
 - each worker grades one item at a time in its main thread under a `setitimer` alarm of `timeout_s` (the soft
   timeout: an exception that unwinds sympy and leaves the worker usable);
-- the parent gives every item a hard deadline of `timeout_s + 0.5 s`; a worker that has not answered by then is
-  killed and replaced, and the item gets the verdict `timeout`. A worker that dies (crash, out-of-memory kill) is
-  replaced too, and its item is retried once on a fresh worker;
+- the parent gives every item a hard deadline of `timeout_s + 0.5 s` from the moment its worker reaches it; a
+  worker that has not answered by then is killed and replaced, the item gets the verdict `timeout`, and the items
+  queued behind it go to other workers. A worker that dies (crash, out-of-memory kill) is replaced too, and its
+  item is retried once on a fresh worker;
 - each worker's address space is capped (`memory_limit_mb`), so a runaway answer fails inside its worker instead of
   exhausting the machine.
 
@@ -55,6 +56,7 @@ VERDICTS = ("correct", "incorrect", "no_answer", "timeout")
 HARD_TIMEOUT_GRACE_S = 0.5
 DEFAULT_MEMORY_LIMIT_MB = 4096
 _STARTUP_FAILURES_BEFORE_GIVING_UP = 3
+_MAX_BATCH = 8
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def _limit_memory(limit_mb: int | None) -> None:
 
 
 def _worker_main(conn_in, conn_out, soft_timeout_s: float, memory_limit_mb: int | None) -> None:
-    """Serve (task_id, operation, a, b) requests one at a time until told to stop (None) or the pipe closes."""
+    """Serve batches of (task_id, operation, a, b) items until told to stop (None) or the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it shuts the pool down
     logging.disable(logging.CRITICAL)  # math-verify logs a warning for every unparsable answer
     try:
@@ -160,18 +162,18 @@ def _worker_main(conn_in, conn_out, soft_timeout_s: float, memory_limit_mb: int 
             return
         if message is None:
             return
-        task_id, operation, a, b = message
-        try:
-            signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+        for task_id, operation, a, b in message:  # a batch; each item gets its own alarm and its own reply
             try:
-                result = ("ok", _OPERATIONS[operation](a, b))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _SoftTimeout:
-            result = ("timeout", _TIMED_OUT[operation])
-        except Exception as error:  # a bug or resource exhaustion inside the grader: report, keep serving
-            result = ("error", f"{type(error).__name__}: {error}")
-        conn_out.send((task_id, result))
+                signal.setitimer(signal.ITIMER_REAL, soft_timeout_s)
+                try:
+                    result = ("ok", _OPERATIONS[operation](a, b))
+                finally:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+            except _SoftTimeout:
+                result = ("timeout", _TIMED_OUT[operation])
+            except Exception as error:  # a bug or resource exhaustion inside the grader: report, keep serving
+                result = ("error", f"{type(error).__name__}: {error}")
+            conn_out.send((task_id, result))
 
 
 def _worker_entry() -> None:
@@ -217,8 +219,8 @@ class _Worker:
         self.sender = Connection(parent_write, readable=False)
         self.conn = Connection(parent_read, writable=False)
         self.ready = False
-        self.task = None  # (task_id, task key) in progress
-        self.deadline = 0.0
+        self.tasks: deque = deque()  # (task_id, task key) sent and not answered yet; the first is being graded
+        self.deadline = 0.0  # hard deadline of the first one
 
     @property
     def pid(self) -> int:
@@ -360,11 +362,14 @@ class Grader:
             bar.update(len(positions[task]))
 
         def lost(worker: _Worker, why: str, timed_out: bool = False) -> None:
-            """A worker died or hung: replace it, and retry its item once unless it ran out of time."""
-            task = worker.task[1] if worker.task else None
+            """A worker died or hung: replace it, retry the item it was on once unless it ran out of time, and
+            requeue the items it had not started."""
+            in_flight = [task for _, task in worker.tasks]
             self._retire(worker, kill=True)
             self.replaced_workers += 1
-            if task is not None:
+            if in_flight:
+                task, unstarted = in_flight[0], in_flight[1:]
+                queue.extendleft(reversed(unstarted))
                 attempts[task] += 1
                 if timed_out or attempts[task] >= 2:
                     logger.warning("grading %s: %s; verdict timeout", _describe(task), why)
@@ -374,19 +379,23 @@ class Grader:
             if remaining and len(self._workers) < min(self.num_workers, remaining):
                 self._spawn()
 
+        budget = self.timeout_s + HARD_TIMEOUT_GRACE_S
         try:
             while remaining:
                 now = time.monotonic()
                 for worker in list(self._workers):
-                    if worker.ready and worker.task is None and queue:
-                        task = queue.popleft()
-                        worker.task = (next(self._task_ids), task)
-                        worker.deadline = now + self.timeout_s + HARD_TIMEOUT_GRACE_S
+                    if worker.ready and not worker.tasks and queue:
+                        # Several items per message while the queue is long (fewer round trips); one at a time near
+                        # the end, so that no worker sits on a backlog while another is idle. Only idle workers get
+                        # work: a worker reads its pipe only between batches, so sending to a busy one could block.
+                        size = max(1, min(_MAX_BATCH, len(queue) // (2 * len(self._workers))))
+                        worker.tasks.extend((next(self._task_ids), queue.popleft()) for _ in range(size))
+                        worker.deadline = now + budget
                         try:
-                            worker.sender.send((worker.task[0], *task))
+                            worker.sender.send([(task_id, *task) for task_id, task in worker.tasks])
                         except OSError:
                             lost(worker, f"worker {worker.pid} died (exit code {worker.exitcode})")
-                busy = [worker.deadline for worker in self._workers if worker.task is not None]
+                busy = [worker.deadline for worker in self._workers if worker.tasks]
                 wait_s = max(0.0, min(busy) - now) if busy else 1.0
                 by_conn = {worker.conn: worker for worker in self._workers}
                 for conn in wait(list(by_conn), timeout=wait_s):
@@ -405,9 +414,9 @@ class Grader:
                         startup_failures += 1
                         self._check_startup(startup_failures, message[1])
                         lost(worker, "worker failed to start")
-                    elif worker.task is not None and message[0] == worker.task[0]:
-                        task = worker.task[1]
-                        worker.task = None
+                    elif worker.tasks and message[0] == worker.tasks[0][0]:
+                        _, task = worker.tasks.popleft()
+                        worker.deadline = time.monotonic() + budget  # the clock starts over for the next item
                         status, value = message[1]
                         if status == "error":
                             logger.warning("grading %s failed (%s); counted as not correct", _describe(task), value)
@@ -415,9 +424,8 @@ class Grader:
                         finish(task, value)
                 now = time.monotonic()
                 for worker in list(self._workers):
-                    if worker.task is not None and now > worker.deadline:
-                        limit = self.timeout_s + HARD_TIMEOUT_GRACE_S
-                        lost(worker, f"no answer within {limit:.1f} s", timed_out=True)
+                    if worker.tasks and now > worker.deadline:
+                        lost(worker, f"no answer within {budget:.1f} s", timed_out=True)
         except BaseException:
             # Interrupted (Ctrl-C) or broken: workers may be mid-item; do not leave them running.
             for worker in list(self._workers):
