@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from align.commands.demo import DIRECT_ANSWER_INSTRUCTION, RECIPES
@@ -209,7 +209,26 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output-dir", "--output_dir", default="runs/repro-dco")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in a few minutes.")
+    sizes = parser.add_argument_group("size overrides (default: the full sweep, about 3 hours on 2 CPU cores)")
+    sizes.add_argument("--epochs", type=int, nargs="+", help="Evaluate after these epochs (trains max(epochs)).")
+    sizes.add_argument("--pass-n", "--pass_n", dest="pass_ns", type=int, nargs="+", help="DCO budgets N' to train.")
+    sizes.add_argument("--n", type=int, help="Samples per test problem (pass@1..n).")
+    sizes.add_argument("--num-train", "--num_train", type=int, help="Synthetic training problems.")
+    sizes.add_argument("--num-test", "--num_test", type=int, help="Held-out test problems.")
+    sizes.add_argument("--levels", type=int, nargs="+", help="Synthetic difficulty levels (1-5).")
     args = parser.parse_args(argv)
+    size = QUICK if args.quick else ReproSize()
+    overrides = {
+        name: getattr(args, name)
+        for name in ("epochs", "pass_ns", "n", "num_train", "num_test", "levels")
+        if getattr(args, name) is not None
+    }
+    for name, value in overrides.items():
+        values = value if isinstance(value, list) else [value]
+        if any(v < 1 for v in values) or (name == "levels" and any(v > 5 for v in values)):
+            parser.error(f"--{name.replace('_', '-')}: got {value}; sizes must be >= 1 and levels in 1..5")
+    if "epochs" in overrides:
+        overrides["epochs"] = sorted(set(overrides["epochs"]))
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    run_dco_repro(Path(args.output_dir), QUICK if args.quick else ReproSize(), args.model)
+    run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
     return 0

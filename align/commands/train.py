@@ -201,6 +201,9 @@ def run(method_name: str, data_args, training_args, model_args):
         tokenizer.save_pretrained(training_args.output_dir)
         # The Trainer writes its state (loss history) only inside checkpoints; keep the final one with the model.
         trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    # Tear down together: a rank that destroys its gloo group and exits while another is still writing files has
+    # been seen to abort at exit ("terminate called without an active exception"), failing the whole launch.
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):  # transformers >= 5.18: closes trackers and the process group
         trainer.end()
     return trainer
