@@ -1,8 +1,8 @@
 """Real multi-process training on CPU (gloo): every trainer under DDP, ZeRO-2 and ZeRO-3 through `align train`.
 
 For each method, a 2-process run with per-device batch 2 must reproduce the loss trajectory of a 1-process run with
-batch 4 (same global batch, same seed) to 1e-5 (1e-6 relative for DCO's large losses), and every rank must end with identical parameters (gathered under
-ZeRO-3; `ALIGN_VERIFY_SYNC=1` makes the run write them to sync_check.json).
+batch 4 (same global batch, same seed) to 1e-5 (1e-6 relative for DCO's large losses), and every rank must end with
+identical parameters (gathered under ZeRO-3; `ALIGN_VERIFY_SYNC=1` makes the run write them to sync_check.json).
 """
 
 import json
@@ -76,8 +76,20 @@ def losses(output_dir: Path) -> list[float]:
 
 def launch(config: str, recipe: Path, method: str, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "ALIGN_VERIFY_SYNC": "1", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "align.cli", "train", method, "--config", str(recipe),
-               "--accelerate-config", config, "--num-processes", "2", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "train",
+        method,
+        "--config",
+        str(recipe),
+        "--accelerate-config",
+        config,
+        "--num-processes",
+        "2",
+        *extra,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -100,8 +112,9 @@ def single_process_losses(tiny_model_dir, tmp_path_factory):
         key = (case, tuple(sorted(fields)))
         if key not in cache:
             out = tmp_path_factory.mktemp(f"single-{case}")
-            recipe = write_recipe(out / "recipe.yaml", tiny_model_dir, out / "run",
-                                  {**fields, "per_device_train_batch_size": 4})
+            recipe = write_recipe(
+                out / "recipe.yaml", tiny_model_dir, out / "run", {**fields, "per_device_train_batch_size": 4}
+            )
             assert align_main(["train", CASES[case][0], "--config", str(recipe)]) == 0
             cache[key] = losses(out / "run")
         return cache[key]
@@ -122,8 +135,14 @@ def test_two_processes_match_one(case, config, tiny_model_dir, tmp_path, single_
 
 @pytest.mark.parametrize("config", ["cpu_ddp", "cpu_zero2"])
 def test_lora_two_processes(config, tiny_model_dir, tmp_path, single_process_losses):
-    lora = {"use_peft": True, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "lora_target_modules": "all-linear",
-            "learning_rate": 1.0e-2}
+    lora = {
+        "use_peft": True,
+        "lora_r": 4,
+        "lora_alpha": 8,
+        "lora_dropout": 0.0,
+        "lora_target_modules": "all-linear",
+        "learning_rate": 1.0e-2,
+    }
     single = tmp_path / "single"
     recipe = write_recipe(tmp_path / "single.yaml", tiny_model_dir, single, {**lora, "per_device_train_batch_size": 4})
     assert align_main(["train", "sft", "--config", str(recipe)]) == 0
@@ -138,8 +157,9 @@ def test_zero3_checkpoint_saves_full_model_that_reloads(tiny_model_dir, tmp_path
     """ZeRO-3 shards the weights; the saved model must be the consolidated one and reload outside DeepSpeed."""
     from transformers import AutoModelForCausalLM
 
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_model_dir, tmp_path / "run",
-                          {"save_strategy": "steps", "save_steps": STEPS})
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", tiny_model_dir, tmp_path / "run", {"save_strategy": "steps", "save_steps": STEPS}
+    )
     launch("cpu_zero3", recipe, "sft")
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     initial = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -159,10 +179,27 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
 
     interrupted = tmp_path / "interrupted"
     recipe = write_recipe(tmp_path / "interrupted.yaml", tiny_model_dir, interrupted, fields)
-    command = [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe),
-               "--accelerate-config", "cpu_ddp", "--num-processes", "2"]
-    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "align.cli",
+        "train",
+        "sft",
+        "--config",
+        str(recipe),
+        "--accelerate-config",
+        "cpu_ddp",
+        "--num-processes",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (interrupted / "checkpoint-2" / "trainer_state.json").exists():
         assert proc.poll() is None, "the run ended before its first checkpoint"

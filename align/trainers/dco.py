@@ -44,6 +44,22 @@ STEP_IDS_COLUMN = "dco_step_ids"
 DEFAULT_STEP_SEPARATOR = r"\n\s*\n"
 
 
+# The paper both the offline DCOTrainer and the on-policy PassAtNGRPOTrainer implement (model cards cite it).
+DCO_PAPER = {
+    "title": "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves Mathematical "
+    "Reasoning",
+    "id": "2502.07154",
+    "citation": textwrap.dedent("""\
+        @article{chen2025rethinking,
+            title   = {{Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
+                       Mathematical Reasoning}},
+            author  = {Feng Chen and Allan Ravent{\\'o}s and Nan Cheng and Surya Ganguli and Shaul Druckmann},
+            year    = 2025,
+            journal = {arXiv preprint arXiv:2502.07154},
+        }"""),
+}
+
+
 @dataclass
 class DCOConfig(SFTConfig):
     r"""
@@ -242,19 +258,7 @@ class DCOTrainer(SFTTrainer):
 
     _tag_names = ["trl", "sft", "dco", "align"]
     _name = "DCO"
-    _paper = {
-        "title": "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves Mathematical "
-        "Reasoning",
-        "id": "2502.07154",
-        "citation": textwrap.dedent("""\
-            @article{chen2025rethinking,
-                title   = {{Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
-                           Mathematical Reasoning}},
-                author  = {Feng Chen and Allan Ravent{\\'o}s and Nan Cheng and Surya Ganguli and Shaul Druckmann},
-                year    = 2025,
-                journal = {arXiv preprint arXiv:2502.07154},
-            }"""),
-    }
+    _paper = DCO_PAPER
     # The loss is a mean over this micro-batch's sequences, so `Trainer` divides it by the accumulation steps: with
     # equal micro-batches, accumulating k of them equals one k-times larger batch (what DPO and KTO do as well).
     loss_is_scaled_for_ga = False

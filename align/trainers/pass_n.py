@@ -22,7 +22,6 @@ column); it is the baseline that `align train grpo` runs.
 from __future__ import annotations
 
 import math
-import textwrap
 import warnings
 from dataclasses import dataclass, field
 
@@ -31,24 +30,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from align.losses.coverage import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
 from align.rewards import ANSWER_COLUMN, VerifierReward
+from align.trainers.dco import DCO_PAPER
 
 
 # Loss types whose on-policy update is a constant times Σ_i A_i ∇log π(y_i) (sequence sums, fixed normalizer).
 SEQUENCE_SUM_LOSS_TYPES = ("dr_grpo", "luspo")
-
-_DCO_PAPER = {
-    "title": "Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves Mathematical "
-    "Reasoning",
-    "id": "2502.07154",
-    "citation": textwrap.dedent("""\
-        @article{chen2025rethinking,
-            title   = {{Rethinking Fine-Tuning when Scaling Test-Time Compute: Limiting Confidence Improves
-                       Mathematical Reasoning}},
-            author  = {Feng Chen and Allan Ravent{\\'o}s and Nan Cheng and Surya Ganguli and Shaul Druckmann},
-            year    = 2025,
-            journal = {arXiv preprint arXiv:2502.07154},
-        }"""),
-}
 
 
 @dataclass
@@ -278,7 +264,7 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
 
     _tag_names = ["trl", "grpo", "pass_n", "align"]
     _name = "pass@N"
-    _paper = _DCO_PAPER
+    _paper = DCO_PAPER
     # The loss is GRPO's, already divided by the accumulation steps (the weights only replace its advantages).
     loss_is_scaled_for_ga = True
 
