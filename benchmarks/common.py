@@ -89,3 +89,38 @@ def cpu_threads() -> int:
     import torch
 
     return torch.get_num_threads() if os.environ.get("OMP_NUM_THREADS") is None else int(os.environ["OMP_NUM_THREADS"])
+
+
+# Trainer arguments every training-step benchmark shares: fp32 on CPU, no checkpoints, logging or progress bars that
+# would land inside the timed steps.
+CPU_TRAINER_ARGS = dict(
+    report_to="none",
+    bf16=False,
+    use_cpu=True,
+    gradient_checkpointing=False,
+    save_strategy="no",
+    seed=0,
+    disable_tqdm=True,
+)
+
+
+def lora_config(enabled: bool = True):
+    """The LoRA adapter of the SmolLM2 settings (r=16 on every linear layer), or None for full fine-tuning."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if enabled else None
+
+
+def optimizer_step_fn(trainer, batches: list) -> Callable[[], None]:
+    """One timed step of `trainer` on the next prepared batch: its own loss, backward, AdamW, zero_grad."""
+    import itertools
+
+    cycle = itertools.cycle(batches)
+
+    def step():
+        loss = trainer.compute_loss(trainer.model, dict(next(cycle)))
+        loss.backward()
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step

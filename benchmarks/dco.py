@@ -11,12 +11,11 @@ SmolLM2-135M-Instruct with LoRA.
 
 from __future__ import annotations
 
-import itertools
 import os
 import statistics
 import tempfile
 
-from benchmarks.common import cpu_threads, emit, interleaved, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, optimizer_step_fn, ratio
 
 
 TARGET_RATIO = 1.03
@@ -32,7 +31,6 @@ def _dataset(num_rows: int):
 
 
 def _trainers(model_path: str, output_dir: str, batch_size: int, max_length: int, lora: bool, num_rows: int):
-    from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
 
     from align.trainers.dco import DCOConfig, DCOTrainer
@@ -42,39 +40,18 @@ def _trainers(model_path: str, output_dir: str, batch_size: int, max_length: int
         per_device_train_batch_size=batch_size,
         max_length=max_length,
         learning_rate=1e-4,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+        **CPU_TRAINER_ARGS,
     )
     data = _dataset(num_rows)
 
-    def peft_config():
-        return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
-
-    sft = SFTTrainer(model=model_path, args=SFTConfig(**common), train_dataset=data, peft_config=peft_config())
+    sft = SFTTrainer(model=model_path, args=SFTConfig(**common), train_dataset=data, peft_config=lora_config(lora))
     dco = DCOTrainer(
-        model=model_path, args=DCOConfig(pass_n=16, **common), train_dataset=data, peft_config=peft_config()
+        model=model_path, args=DCOConfig(pass_n=16, **common), train_dataset=data, peft_config=lora_config(lora)
     )
     for trainer in (sft, dco):
         trainer.create_optimizer()
         trainer.model.train()
     return sft, dco
-
-
-def _step_fn(trainer, batches):
-    cycle = itertools.cycle(batches)
-
-    def step():
-        loss = trainer.compute_loss(trainer.model, dict(next(cycle)))
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 def measure(name: str, model_path: str, lora: bool, batch_size: int, max_length: int, repeats: int) -> dict:
@@ -83,7 +60,7 @@ def measure(name: str, model_path: str, lora: bool, batch_size: int, max_length:
         sft, dco = _trainers(model_path, output_dir, batch_size, max_length, lora, num_batches * batch_size)
         loader = dco.get_train_dataloader()
         batches = [dco._prepare_inputs(batch) for batch, _ in zip(loader, range(num_batches))]
-        steps = {"sft": _step_fn(sft, batches), "dco": _step_fn(dco, batches)}
+        steps = {"sft": optimizer_step_fn(sft, batches), "dco": optimizer_step_fn(dco, batches)}
         # Half the rounds run SFT first, half DCO first, so neither pays for going first (allocator, caches).
         halves = [
             interleaved(steps, repeats=repeats // 2),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import tempfile
 
-from benchmarks.common import cpu_threads, emit, interleaved, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, ratio
 
 
 TARGET_RATIO = 1.05
@@ -22,7 +22,6 @@ TARGET_RATIO = 1.05
 
 def _trainers(model_path, output_dir, prompts_per_step, num_generations, max_completion_length, lora, reward):
     from datasets import Dataset
-    from peft import LoraConfig
     from trl import GRPOConfig, GRPOTrainer
 
     from align.data.synthetic import generate_problems
@@ -37,28 +36,23 @@ def _trainers(model_path, output_dir, prompts_per_step, num_generations, max_com
         temperature=1.0,
         loss_type="dr_grpo",  # the same aggregation in both, so only the advantages differ
         learning_rate=0.0,
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
-        seed=0,
-        disable_tqdm=True,
+        **CPU_TRAINER_ARGS,
     )
     data = Dataset.from_list(prompt_rows(generate_problems(8 * prompts_per_step, "train", levels=(1,), seed=0)))
 
-    def peft_config():
-        return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
-
     grpo = GRPOTrainer(
-        model=model_path, reward_funcs=reward, args=GRPOConfig(**common), train_dataset=data, peft_config=peft_config()
+        model=model_path,
+        reward_funcs=reward,
+        args=GRPOConfig(**common),
+        train_dataset=data,
+        peft_config=lora_config(lora),
     )
     pass_n = PassAtNGRPOTrainer(
         model=model_path,
         reward_funcs=reward,
         args=PassAtNConfig(pass_n=16, **common),
         train_dataset=data,
-        peft_config=peft_config(),
+        peft_config=lora_config(lora),
     )
     for trainer in (grpo, pass_n):
         trainer.create_optimizer()

@@ -12,12 +12,11 @@
 
 from __future__ import annotations
 
-import itertools
 import os
 import random
 import tempfile
 
-from benchmarks.common import cpu_threads, emit, interleaved, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, optimizer_step_fn, ratio
 
 
 SCORING_TARGET = 3.0
@@ -102,18 +101,6 @@ def _datasets(num_rows: int):
     return Dataset.from_list(outcome_rows(problems)), Dataset.from_list(preference_rows(problems))
 
 
-def _step_fn(trainer, batches):
-    cycle = itertools.cycle(batches)
-
-    def step():
-        loss = trainer.compute_loss(trainer.model, dict(next(cycle)))
-        loss.backward()
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def _batches(trainer, batch_size: int, count: int):
     rows = [trainer.train_dataset[i] for i in range(batch_size * count)]
     return [
@@ -123,7 +110,6 @@ def _batches(trainer, batch_size: int, count: int):
 
 
 def measure_training_step(name: str, model_path: str, lora: bool, batch_size: int, repeats: int) -> list[dict]:
-    from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     from align.trainers.implicit_prm import ImplicitPRMConfig, ImplicitPRMTrainer
@@ -137,22 +123,11 @@ def measure_training_step(name: str, model_path: str, lora: bool, batch_size: in
             max_length=256,
             learning_rate=1e-4,
             beta=0.05,
-            report_to="none",
-            bf16=False,
-            use_cpu=True,
-            gradient_checkpointing=False,
-            save_strategy="no",
-            seed=0,
-            disable_tqdm=True,
+            **CPU_TRAINER_ARGS,
         )
 
-        def peft():
-            return (
-                LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
-            )
-
         def build(trainer_cls, config, data):
-            trainer = trainer_cls(model=model_path, args=config, train_dataset=data, peft_config=peft())
+            trainer = trainer_cls(model=model_path, args=config, train_dataset=data, peft_config=lora_config(lora))
             trainer.create_optimizer()
             trainer.model.train()
             return trainer
@@ -183,8 +158,8 @@ def measure_training_step(name: str, model_path: str, lora: bool, batch_size: in
             for baseline_name, baseline in baselines.items():
                 # The same rows collated by each trainer's own collator (KTO's adds its KL completions).
                 variants = {
-                    baseline_name: _step_fn(baseline, _batches(baseline, batch_size, 2)),
-                    "implicit_prm": _step_fn(ours, _batches(ours, batch_size, 2)),
+                    baseline_name: optimizer_step_fn(baseline, _batches(baseline, batch_size, 2)),
+                    "implicit_prm": optimizer_step_fn(ours, _batches(ours, batch_size, 2)),
                 }
                 results = interleaved(variants, repeats=repeats)
                 step_ratio = ratio(results["implicit_prm"]["median_s"], results[baseline_name]["median_s"])
