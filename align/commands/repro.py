@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -49,6 +50,11 @@ QUICK = ReproSize(
     max_new_tokens=12,
     eval_batch_size=16,
 )
+
+
+def _slug(method: str) -> str:
+    """A directory name for a method label: "DCO N'=16" -> "dco_n16" (no quotes or spaces to escape in a shell)."""
+    return re.sub(r"[^a-z0-9]+", "_", method.lower().replace("'=", "")).strip("_")
 
 
 def _checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
@@ -152,7 +158,7 @@ def run_dco_repro(output_dir: Path, size: ReproSize, model: str) -> list[dict]:
     }
 
     def measure(method: str, epoch: int, model_path) -> dict:
-        name = f"{method.replace(' ', '_').replace('=', '')}-e{epoch}"
+        name = f"{_slug(method)}-e{epoch}"
         summary = evaluate(model_path, test_file, output_dir / "eval" / name, **eval_options)
         check_sane(name, summary)
         confidence = _confidence(model_path, problems, size, output_dir / "confidence" / f"{name}.json")
@@ -185,7 +191,7 @@ def run_dco_repro(output_dir: Path, size: ReproSize, model: str) -> list[dict]:
             run_dir = train_recipe(
                 recipe,
                 RECIPES / f"{recipe}.yaml",
-                output_dir / "train" / method.replace(" ", "_").replace("=", ""),
+                output_dir / "train" / _slug(method),
                 {**common, **extra},
             )
         checkpoints = _checkpoints_by_epoch(run_dir)
