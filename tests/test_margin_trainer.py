@@ -383,7 +383,12 @@ gathered = [torch.zeros_like(flat) for _ in range(2)]
 torch.distributed.all_gather(gathered, flat)
 if trainer.accelerator.is_main_process:
     print("RESULT " + json.dumps({"world": trainer.accelerator.num_processes,
-                                   "max_param_diff": float((gathered[0] - gathered[1]).abs().max())}))
+                                   "max_param_diff": float((gathered[0] - gathered[1]).abs().max())}), flush=True)
+# End together and skip interpreter teardown, as `align` does: tearing down gloo/DDP state at exit aborts a rank
+# ("terminate called without an active exception") now and then without trainer.end(), and every time with it.
+from align.cli import exit_without_teardown
+trainer.accelerator.wait_for_everyone()
+exit_without_teardown()
 """
 
 

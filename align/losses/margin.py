@@ -217,8 +217,8 @@ def normalized_pair_surrogate(
     exactly when the norms are the exact per-pair gradient norms. A zero norm means the response does not depend on
     the parameters; its term is dropped instead of dividing by zero.
     """
-    inverse_w = torch.where(chosen_grad_norm > 0, 1.0 / chosen_grad_norm.clamp_min(1e-30), 0.0).detach()
-    inverse_l = torch.where(rejected_grad_norm > 0, 1.0 / rejected_grad_norm.clamp_min(1e-30), 0.0).detach()
+    inverse_w = _inverse_or_zero(chosen_grad_norm).detach()
+    inverse_l = _inverse_or_zero(rejected_grad_norm).detach()
     c = pair_weight.detach()
     return -c * inverse_w * chosen_logps + c * inverse_l * rejected_logps
 
@@ -241,10 +241,17 @@ def normalized_update_coefficients(
 
     With them `first_order_deltas` gives Δlog π_w = c‖g_w‖(1 − cos) ≥ 0 and Δlog π_l = −c‖g_l‖(1 − cos) ≤ 0 for c ≥ 0.
     """
-    norm_w, norm_l = chosen_norm_sq.sqrt(), rejected_norm_sq.sqrt()
-    d_w = torch.where(norm_w > 0, pair_weight / norm_w.clamp_min(1e-30), 0.0)
-    d_l = torch.where(norm_l > 0, pair_weight / norm_l.clamp_min(1e-30), 0.0)
+    d_w = pair_weight * _inverse_or_zero(chosen_norm_sq.sqrt())
+    d_l = pair_weight * _inverse_or_zero(rejected_norm_sq.sqrt())
     return d_w, d_l
+
+
+def _inverse_or_zero(norm: torch.Tensor) -> torch.Tensor:
+    """1/norm where norm > 0, else 0. The exact inverse for every positive norm, however small: clamping the
+    denominator instead would change the update direction for norms below the clamp (and torch.where evaluates both
+    branches, so the zero branch must not divide by zero either)."""
+    positive = norm > 0
+    return torch.where(positive, 1.0 / torch.where(positive, norm, torch.ones_like(norm)), torch.zeros_like(norm))
 
 
 def condition_ratio(inner: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_norm_sq: torch.Tensor) -> torch.Tensor:
