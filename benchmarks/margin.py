@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from benchmarks.common import cpu_threads, emit, interleaved, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, ratio
 
 
 STEPS = 10
@@ -38,14 +38,8 @@ def _trainers(model_path: str, output_root: str) -> dict:
     tokenizer = load_tokenizer(model_path)
     dataset = Dataset.from_list(preference_rows(generate_problems(STEPS * PAIRS_PER_BATCH, "train", [1], 0)))
     common = dict(
-        report_to="none",
-        bf16=False,
-        use_cpu=True,
-        gradient_checkpointing=False,
-        save_strategy="no",
+        **CPU_TRAINER_ARGS,
         logging_steps=STEPS,
-        disable_tqdm=True,
-        seed=0,
         max_steps=STEPS,
         per_device_train_batch_size=PAIRS_PER_BATCH,
         max_length=MAX_LENGTH,
