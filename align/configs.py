@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig
+from trl import ModelConfig, TrlParser
 
 from align.data.prompts import DEFAULT_INSTRUCTION
 from align.models import DEFAULT_MODEL
+from align.precision import auto_mixed_precision
 
 
 @dataclass
@@ -72,3 +73,50 @@ class AlignModelConfig(ModelConfig):
         default=DEFAULT_MODEL,
         metadata={"help": "Model alias (`smollm2-135m-instruct`), local directory or Hub id."},
     )
+
+
+class RecipeParser(TrlParser):
+    """`TrlParser` that also accepts `bf16: auto` (recipe) / `--bf16 auto` (command line).
+
+    `auto` becomes True (bf16 mixed precision: autocast, float32 master weights) where the hardware computes bf16
+    natively and False elsewhere (`align.precision`). It is resolved here, before the dataclasses are built, because
+    TRL's configs type `bf16` as a boolean and transformers validates it in `__post_init__`.
+    """
+
+    def parse_args_and_config(self, args=None, *rest, **kwargs):
+        import sys
+
+        args = list(args) if args is not None else sys.argv[1:]
+        self._cli_use_cpu = _flag_value(args, "use_cpu")
+        for index, arg in enumerate(args):
+            if arg in ("--bf16=auto",) or (arg == "--bf16" and index + 1 < len(args) and args[index + 1] == "auto"):
+                use_cpu = _truthy(self._cli_use_cpu) if self._cli_use_cpu is not None else False
+                resolved = str(auto_mixed_precision(use_cpu=use_cpu)).lower()
+                if arg == "--bf16":
+                    args[index + 1] = resolved
+                else:
+                    args[index] = f"--bf16={resolved}"
+        return super().parse_args_and_config(args, *rest, **kwargs)
+
+    def set_defaults_with_config(self, **config):
+        if config.get("bf16") == "auto":
+            use_cpu = self._cli_use_cpu if getattr(self, "_cli_use_cpu", None) is not None else config.get("use_cpu")
+            config["bf16"] = auto_mixed_precision(use_cpu=_truthy(use_cpu))
+        return super().set_defaults_with_config(**config)
+
+
+def _flag_value(args: list[str], name: str) -> str | None:
+    """The value of `--name V` / `--name=V` (dashes or underscores) in `args`, None when absent."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    value = None
+    for index, arg in enumerate(args):
+        flag, _, inline = arg.partition("=")
+        if flag in spellings:
+            value = inline if inline else (args[index + 1] if index + 1 < len(args) else "true")
+    return value
+
+
+def _truthy(value) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in {"1", "true", "yes", "y", "t"}
+    return bool(value)

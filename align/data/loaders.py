@@ -326,3 +326,32 @@ def load_problems(
         f"Unknown dataset {name!r}: use 'synthetic', {', '.join(repr(n) for n in HUB_SOURCES)}, a Hub dataset id "
         "(owner/name) or a local .jsonl/.json/.parquet file path."
     )
+
+
+def load_problems_as_configured(
+    options, *, name: str | None = None, split: str | None = None, limit: int | None = None
+) -> LoadedProblems:
+    """`load_problems` with every source option read from a config object, warning once about skipped rows.
+
+    `options` is any config with load_problems' option fields (`EvalConfig`, `DataBuildArguments`, the training
+    `DataArguments`); fields it lacks take load_problems' defaults. `name`, `split` and `limit` override the
+    config's `dataset`/`split`/`limit` (training names its dataset `dataset_name` and has one split per call).
+    """
+    import logging
+
+    loaded = load_problems(
+        name if name is not None else options.dataset,
+        split if split is not None else options.split,
+        limit=limit if limit is not None else getattr(options, "limit", None),
+        skip_invalid=getattr(options, "skip_invalid", False),
+        column_mapping=getattr(options, "column_mapping", None),
+        synthetic_levels=tuple(getattr(options, "synthetic_levels", (1,))),
+        synthetic_seed=getattr(options, "synthetic_seed", 0),
+        dataset_config=getattr(options, "dataset_config", None),
+        row_format=getattr(options, "row_format", "auto"),
+    )
+    if loaded.skipped:
+        logging.getLogger("align.data").warning(
+            "skipped %d invalid rows of %s (first: %s)", loaded.skipped, loaded.source, loaded.skipped_reasons[0]
+        )
+    return loaded
