@@ -1,4 +1,4 @@
-"""Online pass@N group weights (align.losses.coverage.pass_at_n_group_weights): closed forms and expectations.
+"""Online pass@N group weights (align.losses.pass_at_n.pass_at_n_group_weights): closed forms and expectations.
 
 The estimator's claims are checked three ways on a tabular softmax policy (π = softmax(θ) over V outcomes, some of
 them correct, so ∇log π(y) = e_y - π and p = Σ_correct π): exactly, by enumerating every group of K samples; by
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from align.evaluation.estimators import pass_at_k
-from align.losses.coverage import PASS_AT_N_ESTIMATORS, pass_at_n_group_weights, unbiased_pass_at_k
+from align.losses.pass_at_n import PASS_AT_N_ESTIMATORS, pass_at_n_group_weights, unbiased_pass_at_k
 
 
 def textbook_f(n: float, p: float) -> float:

@@ -4,7 +4,7 @@ Chen, Raventós, Cheng, Ganguli, Druckmann 2025, "Rethinking Fine-Tuning when Sc
 Confidence Improves Mathematical Reasoning" (arXiv 2502.07154), §CoT, made on-policy. With a chain of thought the
 probability p that the model reaches the correct answer is a sum over traces, so it is estimated by sampling: the
 trainer samples K = `num_generations` completions per prompt, grades them with a verifier, and maximises
-log pass@N = log(1 - (1 - p)^N) with the per-sample weights of `align.losses.coverage.pass_at_n_group_weights`
+log pass@N = log(1 - (1 - p)^N) with the per-sample weights of `align.losses.pass_at_n.pass_at_n_group_weights`
 (F(N, p̂)/c on each of the c correct samples of a group, for the `plain` estimator) in place of GRPO's
 advantages. Everything else is TRL's `GRPOTrainer`: sampling (transformers or vLLM), reward functions, the loss,
 logging, multi-process launches.
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from align.losses.coverage import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
+from align.losses.pass_at_n import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
 from align.rewards import ANSWER_COLUMN, VerifierReward
 from align.trainers.dco import DCO_PAPER
 
@@ -87,7 +87,7 @@ class PassAtNConfig(GraderGRPOConfig):
             `"plain"`: F(N, p̂)/c on each correct sample, 0 on incorrect ones. `"loo"`: the same with a
             leave-one-out baseline inside, so incorrect samples get -F(N, p̂)/(K - 1) and each group's weights sum
             to 0. Both have the direction of the true gradient in expectation; see
-            `align.losses.coverage.pass_at_n_group_weights`.
+            `align.losses.pass_at_n.pass_at_n_group_weights`.
 
     Defaults that differ from [`~trl.GRPOConfig`]: `loss_type="dr_grpo"` (the update is then the estimator: a
     constant times Σ_i w_i ∇log π(y_i)); `scale_rewards="none"` (the weights replace GRPO's advantages, so reward
@@ -245,7 +245,7 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
     Each prompt's K = `num_generations` completions are graded (binary reward: align's verifier by default); a
     group with c correct samples (p̂ = c/K) gives each correct sample the weight F(N, p̂)/c (`plain`), so the
     update estimates ∇ log(1 - (1 - p)^N) = F(N, p)/p · ∇p. See [`PassAtNConfig`] and
-    `align.losses.coverage.pass_at_n_group_weights` for the estimators and their expectations.
+    `align.losses.pass_at_n.pass_at_n_group_weights` for the estimators and their expectations.
 
     Logged (`pass_n/*`, over the groups of every process): `p_hat_mean`, `p_hat_std`, `frac_no_correct` (p̂ = 0:
     no gradient), `frac_all_correct` (p̂ = 1), `weight_mean` (over samples), `correct_weight_mean` (over correct
