@@ -1,4 +1,5 @@
-"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all), each printing JSON lines."""
+"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all but the heavy experiments), each printing
+JSON lines."""
 
 import importlib
 import pkgutil
@@ -11,8 +12,22 @@ def available() -> list[str]:
     return sorted(m.name for m in modules if m.name != "common" and not m.name.startswith("_"))
 
 
+def default_set() -> list[str]:
+    """Every benchmark but the heavy experiments (modules with `HEAVY = True`), which run only when named."""
+    import ast
+
+    heavy = set()
+    for name in available():
+        tree = ast.parse((Path(__file__).parent / f"{name}.py").read_text())
+        for node in tree.body:
+            targets = [t.id for t in getattr(node, "targets", []) if isinstance(t, ast.Name)]
+            if "HEAVY" in targets and isinstance(node.value, ast.Constant) and node.value.value is True:
+                heavy.add(name)
+    return [name for name in available() if name not in heavy]
+
+
 def main(argv: list[str]) -> int:
-    names = argv or available()
+    names = argv or default_set()
     unknown = sorted(set(names) - set(available()))
     if unknown:
         print(f"unknown benchmark(s) {unknown}; available: {available()}", file=sys.stderr)
