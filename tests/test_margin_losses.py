@@ -1,6 +1,11 @@
 """Margin losses and the entanglement algebra of `align.losses.margin`: closed forms, autograd, methods.md §4.5."""
 
+import dataclasses
+import inspect
+import itertools
 import math
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align.losses.margin import (
+    MARGIN_LOSS_TABLE,
     MARGIN_LOSSES,
     PURE_MARGIN_LOSSES,
     REFERENCE_FREE_LOSSES,
@@ -141,6 +147,76 @@ def test_reference_free_losses_ignore_the_reference():
         margin_loss("dpo", lw, ll, None, None, len_w, len_l, HPARAMS)
     with pytest.raises(ValueError, match="Unknown margin loss 'kto'"):
         margin_loss("kto", lw, ll, rw, rl, len_w, len_l, HPARAMS)
+
+
+TENSOR_ARGUMENTS = (
+    "chosen_logps",
+    "rejected_logps",
+    "ref_chosen_logps",
+    "ref_rejected_logps",
+    "chosen_lengths",
+    "rejected_lengths",
+)
+
+
+@pytest.mark.parametrize("name", MARGIN_LOSSES)
+def test_dispatcher_calls_each_row_with_the_arguments_it_names(name, monkeypatch):
+    """`margin_loss` passes every row's function exactly the tensors its parameters name, β, and the row's constant;
+    the row's flags agree with the function's signature and with whether it returns a pair weight."""
+    row = MARGIN_LOSS_TABLE[name]
+    batch = _random_batch(7)
+    given = dict(zip(TENSOR_ARGUMENTS, batch, strict=True))
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append((args, kwargs))
+        return row.function(*args, **kwargs)
+
+    monkeypatch.setitem(MARGIN_LOSS_TABLE, name, dataclasses.replace(row, function=recorder))
+    terms = margin_loss(name, *batch, HPARAMS)
+    ((args, kwargs),) = calls
+    signature = inspect.signature(row.function)
+    bound = signature.bind(*args, **kwargs).arguments
+    tensors = [p for p in signature.parameters if p in TENSOR_ARGUMENTS]
+    others = [p for p in signature.parameters if p not in TENSOR_ARGUMENTS]
+    assert tensors[:2] == ["chosen_logps", "rejected_logps"]
+    assert row.needs_reference == ("ref_chosen_logps" in tensors) == ("ref_rejected_logps" in tensors)
+    assert row.uses_lengths == ("chosen_lengths" in tensors) == ("rejected_lengths" in tensors)
+    for parameter in tensors:
+        assert bound[parameter] is given[parameter], parameter
+    assert others[0] == "beta" and bound["beta"] == HPARAMS.beta
+    if row.constant is None:
+        assert others == ["beta"]
+    else:  # the constant is the hyperparameter field named after its loss (HPARAMS holds distinct values)
+        assert len(others) == 2 and bound[others[1]] == getattr(HPARAMS, row.constant)
+        assert row.constant.split("_")[0] == name.replace("_", "")
+    assert row.single_margin == (terms.pair_weight is not None)
+
+
+def _docs_loss_table() -> dict[str, dict[str, str]]:
+    """The `margin_loss` table of docs/margin.md: {name: {column: cell}} in the order of its rows."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "margin.md").read_text()
+    lines = text[text.index("| `margin_loss` |") :].splitlines()
+
+    def cells(line: str) -> list[str]:
+        return [cell.strip() for cell in re.split(r"(?<!\\)\|", line.strip()[1:-1])]
+
+    columns = cells(lines[0])
+    rows = {}
+    for line in itertools.takewhile(lambda line: line.startswith("|"), lines[2:]):
+        row = dict(zip(columns, cells(line), strict=True))
+        rows[row["`margin_loss`"].strip("`")] = row
+    return rows
+
+
+def test_docs_list_is_the_loss_table():
+    """docs/margin.md lists the table's losses in its order (plus `trl`), with its reference, margin and paper."""
+    rows = _docs_loss_table()
+    assert list(rows) == [*MARGIN_LOSSES, "trl"]
+    for name, row in MARGIN_LOSS_TABLE.items():
+        assert rows[name]["reference"] == ("yes" if row.needs_reference else "no"), name
+        assert rows[name]["single margin"] == ("yes" if row.single_margin else "no"), name
+        assert rows[name]["paper"].startswith(row.paper), name
 
 
 def test_empty_completion_does_not_divide_by_zero():

@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from align.losses.margin import MARGIN_LOSS_TABLE, MARGIN_LOSSES, REFERENCE_FREE_LOSSES
+
 
 def _pairs(num, appended_tail=False):
     from align.data.synthetic import generate_problems
@@ -257,7 +259,7 @@ def test_normalized_update_is_the_per_pair_normalized_gradient(tiny_model_dir, o
         torch.testing.assert_close(grads[name], e, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("margin_loss", ["dpo", "ipo", "slic", "simpo", "r_dpo", "dpop", "cpo", "trl"])
+@pytest.mark.parametrize("margin_loss", [*MARGIN_LOSSES, "trl"])
 def test_trains_with_every_margin_loss(tiny_model_dir, offline_pairs, cpu_args, margin_loss):
     extra = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]} if margin_loss == "trl" else {}
     trainer = _trainer(
@@ -280,7 +282,7 @@ def test_trains_with_every_margin_loss(tiny_model_dir, offline_pairs, cpu_args, 
     assert len(records) == 2
     expected = "assumed_equal" if margin_loss == "trl" else "loss"
     assert {r["coefficients"] for r in records} == {expected}
-    if margin_loss in {"simpo", "cpo"}:  # reference-free: TRL's rewards are β·log π
+    if margin_loss in REFERENCE_FREE_LOSSES:  # TRL's rewards are β·log π
         entry = trainer.state.log_history[0]
         assert entry["rewards/chosen"] == pytest.approx(trainer.args.beta * entry["logps/chosen"], rel=1e-4)
 
@@ -334,6 +336,17 @@ def test_config_errors_name_the_field_and_the_fix(cpu_args, fields, message):
 
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         MarginPreferenceConfig(**cpu_args, **fields)
+
+
+def test_config_choices_are_the_loss_table():
+    """`margin_loss`'s choices and help come from `MARGIN_LOSS_TABLE` (plus TRL's own losses, `trl`)."""
+    import dataclasses
+
+    from align.trainers.margin import MarginPreferenceConfig
+
+    (field,) = [f for f in dataclasses.fields(MarginPreferenceConfig) if f.name == "margin_loss"]
+    assert field.metadata["choices"] == [*MARGIN_LOSS_TABLE, "trl"]
+    assert all(name in field.metadata["help"] for name in MARGIN_LOSS_TABLE)
 
 
 def test_parameter_regex_that_matches_nothing_is_an_error(tiny_model_dir, offline_pairs, cpu_args):

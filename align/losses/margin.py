@@ -19,19 +19,12 @@ Pure tensor functions: no model, no trainer. Inputs are 1-D tensors over pairs; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-
-
-MARGIN_LOSSES = ("dpo", "ipo", "slic", "simpo", "r_dpo", "dpop", "cpo")
-# Losses that never read the reference model's log-probs.
-REFERENCE_FREE_LOSSES = frozenset({"simpo", "cpo"})
-# Losses that are a function of one margin u only (ℓ = f(u)); they define the pairwise normalized update below.
-# DPOP and CPO add a term on the chosen response alone, so they have no single pair weight.
-PURE_MARGIN_LOSSES = frozenset({"dpo", "ipo", "slic", "simpo", "r_dpo"})
 
 
 class MarginLossTerms(NamedTuple):
@@ -149,17 +142,60 @@ def dpop_loss(
     return MarginLossTerms(-F.logsigmoid(m), base * (1 + lam * penalty_active), base, None)
 
 
-def cpo_loss(chosen_logps, rejected_logps, chosen_lengths, beta: float, alpha: float) -> MarginLossTerms:
+def cpo_loss(
+    chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta: float, alpha: float
+) -> MarginLossTerms:
     """CPO (Xu et al. 2024, arXiv 2401.08417): a reference-free sigmoid margin plus NLL on the chosen response.
 
     z = β(log π_w − log π_l),  ℓ = −log σ(z) − α log π_w/|y_w|  (the NLL is the per-token mean, as CPO trains it),
-    d_w = β σ(−z) + α/|y_w|,  d_l = β σ(−z). Not a single-margin loss (no pair weight).
+    d_w = β σ(−z) + α/|y_w|,  d_l = β σ(−z). Not a single-margin loss (no pair weight). `rejected_lengths` is taken
+    because every length-using loss has the same signature (see `margin_loss`); CPO normalizes by |y_w| only.
     """
     len_w = _lengths(chosen_lengths, chosen_logps)
     z = beta * (chosen_logps - rejected_logps)
     base = (beta * torch.sigmoid(-z)).detach()
     loss = -F.logsigmoid(z) - alpha * chosen_logps / len_w
     return MarginLossTerms(loss, base + alpha / len_w, base, None)
+
+
+@dataclass(frozen=True)
+class MarginLoss:
+    """One row of `MARGIN_LOSS_TABLE`: a loss function and what it reads.
+
+    `margin_loss` calls `function(chosen_logps, rejected_logps, [ref_chosen_logps, ref_rejected_logps,]
+    [chosen_lengths, rejected_lengths,] beta[, constant])`, the bracketed groups only when `needs_reference`,
+    `uses_lengths` and `constant` (a field of `MarginHyperparameters`) say so. `single_margin`: ℓ is a function of one
+    margin u only, so the loss has a pair weight c = −∂ℓ/∂u and the pairwise normalized update is defined for it.
+    """
+
+    function: Callable[..., MarginLossTerms]
+    needs_reference: bool
+    uses_lengths: bool
+    single_margin: bool
+    constant: str | None
+    paper: str
+
+
+# A new loss is one function above plus one row here; the name sets below, the trainer config's `choices` and the
+# list in docs/margin.md (checked by tests/test_margin_losses.py) follow from it. DPOP and CPO add a term on the
+# chosen response alone, so they are not single-margin losses.
+# fmt: off
+MARGIN_LOSS_TABLE: dict[str, MarginLoss] = {
+    #                   function    reference lengths single constant       paper
+    "dpo":   MarginLoss(dpo_loss,   True,     False,  True,  None,          "Rafailov et al. 2023, arXiv 2305.18290"),
+    "ipo":   MarginLoss(ipo_loss,   True,     True,   True,  None,          "Azar et al. 2023, arXiv 2310.12036"),
+    "slic":  MarginLoss(slic_loss,  True,     False,  True,  None,          "Zhao et al. 2023, arXiv 2305.10425"),
+    "simpo": MarginLoss(simpo_loss, False,    True,   True,  "simpo_gamma", "Meng et al. 2024, arXiv 2405.14734"),
+    "r_dpo": MarginLoss(r_dpo_loss, True,     True,   True,  "rdpo_alpha",  "Park et al. 2024, arXiv 2403.19159"),
+    "dpop":  MarginLoss(dpop_loss,  True,     False,  False, "dpop_lambda", "Pal et al. 2024, arXiv 2402.13228"),
+    "cpo":   MarginLoss(cpo_loss,   False,    True,   False, "cpo_alpha",   "Xu et al. 2024, arXiv 2401.08417"),
+}
+# fmt: on
+MARGIN_LOSSES = tuple(MARGIN_LOSS_TABLE)
+# Losses that never read the reference model's log-probs.
+REFERENCE_FREE_LOSSES = frozenset(name for name, row in MARGIN_LOSS_TABLE.items() if not row.needs_reference)
+# Losses of one margin u (ℓ = f(u)); they define the pairwise normalized update below.
+PURE_MARGIN_LOSSES = frozenset(name for name, row in MARGIN_LOSS_TABLE.items() if row.single_margin)
 
 
 def margin_loss(
@@ -172,36 +208,21 @@ def margin_loss(
     rejected_lengths: torch.Tensor,
     hparams: MarginHyperparameters,
 ) -> MarginLossTerms:
-    """Dispatch to the loss called `name` (one of `MARGIN_LOSSES`) with the arguments it needs."""
-    if name not in REFERENCE_FREE_LOSSES and (ref_chosen_logps is None or ref_rejected_logps is None):
-        raise ValueError(f"margin loss {name!r} needs the reference log-probs, got None.")
-    beta = hparams.beta
-    if name == "dpo":
-        return dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    if name == "ipo":
-        return ipo_loss(
-            chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_lengths, rejected_lengths, beta
-        )
-    if name == "slic":
-        return slic_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta)
-    if name == "simpo":
-        return simpo_loss(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths, beta, hparams.simpo_gamma)
-    if name == "r_dpo":
-        return r_dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen_logps,
-            ref_rejected_logps,
-            chosen_lengths,
-            rejected_lengths,
-            beta,
-            hparams.rdpo_alpha,
-        )
-    if name == "dpop":
-        return dpop_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, hparams.dpop_lambda)
-    if name == "cpo":
-        return cpo_loss(chosen_logps, rejected_logps, chosen_lengths, beta, hparams.cpo_alpha)
-    raise ValueError(f"Unknown margin loss {name!r}; expected one of {MARGIN_LOSSES}.")
+    """The loss called `name` (a key of `MARGIN_LOSS_TABLE`), called with the arguments its row says it reads."""
+    row = MARGIN_LOSS_TABLE.get(name)
+    if row is None:
+        raise ValueError(f"Unknown margin loss {name!r}; expected one of {MARGIN_LOSSES}.")
+    args = [chosen_logps, rejected_logps]
+    if row.needs_reference:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"margin loss {name!r} needs the reference log-probs, got None.")
+        args += [ref_chosen_logps, ref_rejected_logps]
+    if row.uses_lengths:
+        args += [chosen_lengths, rejected_lengths]
+    args.append(hparams.beta)
+    if row.constant is not None:
+        args.append(getattr(hparams, row.constant))
+    return row.function(*args)
 
 
 def normalized_pair_surrogate(

@@ -59,8 +59,8 @@ class MarginPreferenceConfig(DPOConfig):
     > Parameters that select the loss
 
     margin_loss (`str`, defaults to `"dpo"`):
-        `dpo`, `ipo`, `slic`, `simpo`, `r_dpo`, `dpop`, `cpo` (formulas in `align.losses.margin`), or `trl` to use
-        TRL's own `loss_type` list unchanged. `beta` is TRL's β for every loss.
+        A name of `align.losses.margin.MARGIN_LOSS_TABLE` (`dpo`, `simpo`, …; formulas in that module), or `trl` to
+        use TRL's own `loss_type` list unchanged. `beta` is TRL's β for every loss.
     simpo_gamma, rdpo_alpha, dpop_lambda, cpo_alpha (`float`):
         SimPO's target margin γ, R-DPO's length weight α, DPOP's penalty λ, CPO's NLL weight.
 
@@ -80,7 +80,7 @@ class MarginPreferenceConfig(DPOConfig):
     margin_loss: str = field(
         default="dpo",
         metadata={
-            "help": "Margin loss: dpo, ipo, slic, simpo, r_dpo, dpop, cpo, or `trl` to use TRL's own `loss_type`.",
+            "help": f"Margin loss: {', '.join(MARGIN_LOSSES)}, or `trl` to use TRL's own `loss_type`.",
             "choices": list(MARGIN_LOSS_CHOICES),
         },
     )
