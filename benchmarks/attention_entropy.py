@@ -5,8 +5,8 @@ One full fine-tuning step (TRL's fused-LM-head forward, backward, AdamW) on the 
 - `sdpa`: the baseline every TRL trainer uses by default;
 - `eager`: eager attention (what any attention-weight method needs without a custom kernel);
 - `regularized`: `entropy_eager` with the trainer's per-step work: the recorder, the band penalty with learnable
-  thresholds (`align.trainers.entropy.attention_entropy_penalty`), the per-(layer, head) statistics and the output
-  log Z probe.
+  thresholds (`align.losses.attention_entropy.attention_entropy_penalty`), the per-(layer, head) statistics and the
+  output log Z probe.
 
 Variants are interleaved (benchmarks.common.interleaved, order rotated each round). One JSON line per sequence
 length gives the step-time ratios against sdpa, the activation memory autograd keeps for each variant, and the peak
@@ -41,9 +41,10 @@ def _setup():
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.trainer.utils import add_fused_lm_head
 
-    from align.diagnostics.attention import OutputLogZProbe
+    from align.attention.parameters import AttentionEntropyParameters
+    from align.diagnostics.log_z import OutputLogZProbe
     from align.models import DEFAULT_MODEL, resolve_model_path
-    from align.trainers.entropy import AttentionEntropyParameters, EntropyRegularizationArguments
+    from align.trainers.entropy_config import EntropyRegularizationArguments
 
     path = resolve_model_path(DEFAULT_MODEL)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -110,8 +111,10 @@ def _saved_activation_mib(forward, parameters: set[int]) -> float:
 
 
 def main(repeats: int = 5) -> list[dict]:
-    from align.diagnostics.attention import ATTENTION_IMPLEMENTATION, AttentionEntropyRecorder, HeadEntropyAccumulator
-    from align.trainers.entropy import attention_entropy_penalty
+    from align.attention.kernel import ATTENTION_IMPLEMENTATION
+    from align.attention.recorder import AttentionEntropyRecorder
+    from align.diagnostics.attention import HeadEntropyAccumulator
+    from align.losses.attention_entropy import attention_entropy_penalty
 
     tokenizer, model, thresholds, settings, optimizer, _probe = _setup()
     config = model.config
@@ -127,7 +130,13 @@ def main(repeats: int = 5) -> list[dict]:
         with recorder:
             loss = -model(**batch, fused_lm_head=True).log_probs.mean()
         records = recorder.layer_records()
-        penalty = attention_entropy_penalty(records, thresholds.thresholds(), settings)
+        penalty = attention_entropy_penalty(
+            records,
+            thresholds.thresholds(),
+            settings.attention_entropy_tolerance,
+            settings.attention_entropy_convention,
+            settings.attention_entropy_normalization,
+        )
         HeadEntropyAccumulator(config.num_hidden_layers, config.num_attention_heads).add(records)  # metrics
         return loss + settings.attention_entropy_coef * penalty
 

@@ -6,18 +6,14 @@ import math
 import pytest
 import torch
 
-from align.diagnostics.attention import (
-    ATTENTION_IMPLEMENTATION,
-    PARAMETERS_ATTRIBUTE,
-    AttentionEntropyRecorder,
-    HeadEntropyAccumulator,
-    OutputLogZProbe,
-    head_entropy_bins,
-    summarize,
-)
+from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.parameters import PARAMETERS_ATTRIBUTE
+from align.attention.recorder import AttentionEntropyRecorder, LayerRecord
+from align.diagnostics.attention import HeadEntropyAccumulator, head_entropy_bins, summarize
+from align.diagnostics.log_z import OutputLogZProbe
 from align.losses.attention_entropy import (
+    attention_entropy_penalty,
     entropy_band_penalty,
-    entropy_regularizer,
     entropy_units,
     head_means,
     row_entropy,
@@ -105,19 +101,23 @@ def test_no_penalty_inside_the_band_and_full_squared_deviation_outside():
     assert outside.item() == pytest.approx((0.3 * math.log(4)) ** 2, rel=1e-4)
 
 
-def test_regularizer_is_lambda_times_mean_over_layers_of_head_means():
+def test_penalty_is_the_mean_over_layers_of_head_means():
     valid, visible = full_rows(4, batch=2)
     probs = causal_uniform(4, batch=2, heads=3)
-    units, max_units, weights = entropy_units(row_entropy(probs), valid, visible, "context")
+    entropy = row_entropy(probs)
+    units, max_units, weights = entropy_units(entropy, valid, visible, "context")
     per_head = torch.tensor([0.1, 0.5, 0.9])
     layer_a = entropy_band_penalty(units, max_units, weights, per_head, 0.0, "code")
     # code convention: sum over batch and rows, divided by the number of heads
     deviation = units - per_head.view(1, 3, 1) * max_units.unsqueeze(1)
     assert layer_a.item() == pytest.approx((deviation.square().sum() / 3).item(), rel=1e-6)
-    layer_b = torch.tensor(2.0)
-    assert entropy_regularizer([layer_a, layer_b], 1e-3).item() == pytest.approx(
-        1e-3 * (layer_a.item() + 2.0) / 2, rel=1e-6
-    )
+    other = torch.tensor([0.3, 0.6, 0.2])
+    layer_b = entropy_band_penalty(units, max_units, weights, other, 0.0, "code")
+    assert layer_b.item() != pytest.approx(layer_a.item())
+    # L_entropy, what the trainer multiplies by lambda: each layer is penalized against its own row of thresholds
+    records = [LayerRecord(layer, entropy, valid, visible, torch.tensor(0.0)) for layer in (0, 1)]
+    penalty = attention_entropy_penalty(records, torch.stack([per_head, other]), 0.0, "code")
+    assert penalty.item() == pytest.approx((layer_a.item() + layer_b.item()) / 2, rel=1e-6)
 
 
 def test_gradients_reach_theta_and_the_attention_logits():
@@ -267,14 +267,7 @@ def test_recording_rules_reference_passes_checkpointing_and_duplicates(tiny):
             assert recorder.records == {}
             loss = model(**batch, labels=labels).loss
             model(**batch)  # a second grad-enabled forward: counted, not recorded
-        penalty = torch.stack(
-            [
-                entropy_band_penalty(
-                    *entropy_units(r.entropy, r.valid_rows, r.visible_keys), torch.full((4,), 0.95), 0.05
-                )
-                for r in recorder.layer_records()
-            ]
-        ).mean()
+        penalty = attention_entropy_penalty(recorder.layer_records(), torch.full((num_layers, 4), 0.95), 0.05)
         (loss + penalty).backward()  # checkpoint recomputation happens here, with the recorder closed
         assert len(recorder.records) == num_layers and recorder.duplicates == num_layers
         return torch.cat([p.grad.flatten() for p in model.parameters()]), penalty.detach()

@@ -1,207 +1,29 @@
-"""Attention-health diagnostics: per-head attention entropy and the stability monitors, collected in the forward pass.
+"""Attention-health reports: per-(layer, head) attention entropy statistics, their summary, JSON report and heatmap.
 
-How it works. `entropy_eager` is an attention implementation registered with transformers' `AttentionInterface`
-(and, which is required, with `AttentionMaskInterface`: without a mask registration transformers hands a custom
-implementation no mask at all, neither causal nor padding). It computes exactly what eager attention computes and,
-from the same softmax it already has, the entropy of every attention row (`align.losses.attention_entropy`) plus the
-largest attention logit. An `AttentionEntropyRecorder` that is open (`with recorder:`) receives one `LayerRecord` per
-layer. Nothing else is recorded, so:
+The statistics come from the `LayerRecord`s that `entropy_eager` attention (`align.attention.kernel`) hands to an
+open `AttentionEntropyRecorder` (`align.attention.recorder`): during training (`align.trainers.entropy`) or offline,
+over any texts, with `measure_attention_entropy` (`align diagnose attention`).
 
-- reference passes (run under `torch.no_grad()`) are not recorded, unless a recorder asks for no-grad forwards
-  (`include_no_grad=True`, for `align diagnose attention`);
-- gradient-checkpoint recomputation (during the backward, after the trainer has closed its recorder) is not
-  recorded. The entropy is computed whenever gradients are enabled, open recorder or not, so that the recomputation
-  replays the same operations as the original forward (non-reentrant checkpointing requires it);
-- a second grad-enabled forward inside one window is counted in `recorder.duplicates`, not recorded.
-
-Stability monitors from Wortsman et al. 2024 ("Small-scale proxies for large-scale Transformer training
-instabilities"): the max attention logit per layer (here, from the same scores tensor), and log Z of the output
-softmax (`OutputLogZProbe`: recovered from a fused LM head's target log-probabilities, no extra vocabulary pass).
-
-Head entropies are binned the way Jha & Reagen 2025 bin them, as fractions of the maximum: collapsed < 1/4,
-overloaded > 3/4 (here the maximum is the configured normalization's E_max; see `align.losses.attention_entropy`).
+Head entropies are binned the way Jha & Reagen 2025 ("Entropy-Guided Attention for Private LLMs") bin them, as
+fractions of the maximum: collapsed < 1/4, overloaded > 3/4 (here the maximum is the configured normalization's E_max;
+see `align.losses.attention_entropy`). The max attention logit per layer is the monitor of Wortsman et al. 2024
+("Small-scale proxies for large-scale Transformer training instabilities").
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from align.losses.attention_entropy import row_entropy
+from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.recorder import AttentionEntropyRecorder, LayerRecord
 
 
-ATTENTION_IMPLEMENTATION = "entropy_eager"
-# Name of the attribute an attention module carries when a trainer attached learnable per-head parameters to it.
-PARAMETERS_ATTRIBUTE = "_align_attention_entropy"
 COLLAPSED_BELOW = 0.25
 OVERLOADED_ABOVE = 0.75
-
-
-@dataclass
-class LayerRecord:
-    """What one attention layer saw in one forward."""
-
-    layer: int
-    entropy: torch.Tensor  # (batch, heads, queries) row entropies in nats; differentiable in training forwards
-    valid_rows: torch.Tensor  # (batch, queries) bool: False for padding query rows
-    visible_keys: torch.Tensor  # (batch, queries) number of keys each row may attend to
-    max_logit: torch.Tensor  # scalar: largest pre-softmax attention logit over the valid rows (detached)
-
-
-class AttentionEntropyRecorder:
-    """Collects one `LayerRecord` per layer from `entropy_eager` attention while open (`with recorder: ...`).
-
-    Also receives `log_z` / `log_z_mask` from an `OutputLogZProbe`. Entering clears what the previous window held.
-    """
-
-    def __init__(self, include_no_grad: bool = False):
-        self.include_no_grad = include_no_grad
-        self.records: dict[int, LayerRecord] = {}
-        self.duplicates = 0
-        self.log_z: torch.Tensor | None = None
-
-    def accepts(self) -> bool:
-        return torch.is_grad_enabled() or self.include_no_grad
-
-    def add(self, record: LayerRecord) -> None:
-        if record.layer in self.records:
-            self.duplicates += 1
-            return
-        self.records[record.layer] = record
-
-    def layer_records(self) -> list[LayerRecord]:
-        return [self.records[layer] for layer in sorted(self.records)]
-
-    def __enter__(self) -> AttentionEntropyRecorder:
-        self.records = {}
-        self.duplicates = 0
-        self.log_z = None
-        _ACTIVE.append(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _ACTIVE.remove(self)
-
-
-_ACTIVE: list[AttentionEntropyRecorder] = []
-
-
-def active_recorder() -> AttentionEntropyRecorder | None:
-    return _ACTIVE[-1] if _ACTIVE else None
-
-
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, dim) -> (batch, kv_heads * groups, seq, dim): a KV head serves `groups` query heads."""
-    if groups == 1:
-        return states
-    batch, kv_heads, length, dim = states.shape
-    return (
-        states[:, :, None].expand(batch, kv_heads, groups, length, dim).reshape(batch, kv_heads * groups, length, dim)
-    )
-
-
-def _row_masks(mask: torch.Tensor | None, batch: int, queries: int, keys: int, device) -> tuple[torch.Tensor, ...]:
-    """(valid query rows, visible key counts), both (batch, queries), from a 4-D eager mask.
-
-    A query row is padding when it may not attend to its own position (the diagonal, offset by any cached keys):
-    causal and padding masks both keep the diagonal for real tokens and mask it for padding tokens.
-    """
-    if mask is None:
-        return (
-            torch.ones(batch, queries, dtype=torch.bool, device=device),
-            torch.full((batch, queries), keys, dtype=torch.long, device=device),
-        )
-    visible = mask[:, 0] if mask.dtype == torch.bool else mask[:, 0] > torch.finfo(mask.dtype).min / 2
-    visible = visible.expand(batch, queries, keys)
-    offset = keys - queries
-    rows = torch.arange(queries, device=visible.device)
-    return visible[:, rows, rows + offset], visible.sum(-1)
-
-
-def entropy_eager_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    softcap: float | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager attention (same operations, same output) that also records per-row entropies and the max logit.
-
-    Shapes as in transformers: query (batch, heads, queries, dim), key/value (batch, kv_heads, keys, dim); grouped
-    query attention is handled by repeating KV heads. Learnable per-head temperatures attached by a trainer divide
-    the logits before the soft-cap and the mask (so they can be folded into the query projection).
-    """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            f"{ATTENTION_IMPLEMENTATION} does not support attention sinks (`s_aux`, e.g. gpt-oss): their extra "
-            "softmax column changes the attention rows. Use a model without sinks, or eager attention without entropy."
-        )
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    groups = query.shape[1] // key.shape[1]
-    key_states = _repeat_kv(key, groups)
-    value_states = _repeat_kv(value, groups)
-
-    scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    parameters = getattr(module, PARAMETERS_ATTRIBUTE, None)
-    temperature = parameters.temperature(module.layer_idx) if parameters is not None else None
-    if temperature is not None:
-        scores = scores / temperature.to(scores.dtype).view(1, -1, 1, 1)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[:, :, :, : key_states.shape[-2]]
-        scores = scores + mask
-    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-
-    recorder = active_recorder()
-    if torch.is_grad_enabled() or (recorder is not None and recorder.include_no_grad):
-        with torch.profiler.record_function("attention_entropy"):
-            entropy = row_entropy(weights)
-            if recorder is not None and recorder.accepts():
-                with torch.no_grad():
-                    batch, _, queries, keys = scores.shape
-                    valid, visible = _row_masks(mask, batch, queries, keys, scores.device)
-                    row_max = scores.detach().amax(-1).masked_fill(~valid[:, None, :], -math.inf)
-                    recorder.add(LayerRecord(module.layer_idx, entropy, valid, visible, row_max.amax().float()))
-
-    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
-    output = torch.matmul(weights, value_states)
-    return output.transpose(1, 2).contiguous(), weights
-
-
-def register() -> None:
-    """Register `entropy_eager` (attention + eager mask) with transformers; idempotent."""
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import eager_mask
-
-    AttentionInterface.register(ATTENTION_IMPLEMENTATION, entropy_eager_attention)
-    AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, eager_mask)
-
-
-register()
-
-
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The softmax-attention modules of a transformers model (`*Attention` with a `layer_idx`), by layer."""
-    found = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
-    layers = [m.layer_idx for m in found]
-    if not found or len(set(layers)) != len(layers):
-        raise ValueError(
-            f"Cannot find one attention module per layer in {type(model).__name__} (found layers {layers}). "
-            f"{ATTENTION_IMPLEMENTATION} needs transformers attention modules named `*Attention` with a `layer_idx`."
-        )
-    return sorted(found, key=lambda m: m.layer_idx)
 
 
 # --- Per-(layer, head) statistics ---------------------------------------------------------------------------------
@@ -337,89 +159,6 @@ def write_heatmap(normalized: torch.Tensor, path: str | Path, title: str) -> Non
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-# --- Output log Z (Wortsman et al.) -------------------------------------------------------------------------------
-
-
-def _output_logit_transform(config):
-    """(scale, softcap) that turn `hidden @ lm_head.T` into the model's output logits (as TRL's fused head does)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(text, "logit_scale", None)
-    if scale is None:
-        scale = getattr(text, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(text, "lm_head_multiplier", None)
-    if scale is None and getattr(text, "logits_scaling", None) is not None:
-        scale = text.logits_scaling if text.model_type == "hyperclovax" else 1 / text.logits_scaling
-    return (1.0 if scale is None else scale), getattr(text, "final_logit_softcapping", None)
-
-
-class OutputLogZProbe:
-    """log Z of the output softmax at the trained positions of a recorded forward, delivered to the open recorder.
-
-    With TRL's fused LM head the logits are never materialized; but log p_y = z_y - log Z, and the target logit z_y
-    is one dot product per token (the last hidden state, captured by a hook on the backbone, times the target's row
-    of the LM head). The result is differentiable, so it can carry a z-loss. With a plain forward, log Z is the
-    logsumexp of the returned logits.
-    """
-
-    def __init__(self, causal_lm: nn.Module):
-        self.causal_lm = causal_lm
-        self.scale, self.softcap = _output_logit_transform(causal_lm.config)
-        self._hidden = None
-        backbone = getattr(causal_lm, "base_model", causal_lm)
-        self._handles = [causal_lm.register_forward_hook(self._on_output, with_kwargs=True)]
-        if backbone is not causal_lm:
-            self._handles.append(backbone.register_forward_hook(self._on_backbone))
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-
-    @staticmethod
-    def _wanted() -> AttentionEntropyRecorder | None:
-        recorder = active_recorder()
-        return recorder if recorder is not None and recorder.accepts() and recorder.log_z is None else None
-
-    def _on_backbone(self, module, args, output) -> None:
-        if self._wanted() is not None:
-            self._hidden = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
-
-    def _on_output(self, module, args, kwargs, output) -> None:
-        hidden, self._hidden = self._hidden, None
-        recorder = self._wanted()
-        labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
-        if recorder is None or (labels is None and shift_labels is None):
-            return
-        targets = shift_labels if shift_labels is not None else labels[:, 1:]
-        mask = targets != -100
-        log_probs = getattr(output, "log_probs", None)
-        logits = getattr(output, "logits", None)
-        if log_probs is not None and hidden is not None:
-            recorder.log_z = self._from_fused(
-                hidden if shift_labels is not None else hidden[:, :-1], targets, mask, log_probs
-            )
-        elif logits is not None:
-            shifted = logits if shift_labels is not None else logits[:, :-1]
-            recorder.log_z = torch.logsumexp(shifted[mask].float(), dim=-1)
-
-    def _from_fused(self, hidden, targets, mask, log_probs) -> torch.Tensor:
-        from trl.trainer.utils import maybe_gather_lm_head_ctx
-
-        from align.losses.attention_entropy import log_partition_from_log_probs
-
-        head = self.causal_lm.get_output_embeddings()
-        weight, bias = head.weight, head.bias
-        with maybe_gather_lm_head_ctx(weight, bias):
-            rows = targets[mask]
-            target_logits = (hidden[mask].to(weight.dtype) * weight[rows]).sum(-1)
-            if bias is not None:
-                target_logits = target_logits + bias[rows]
-        target_logits = target_logits.float() * self.scale
-        if self.softcap is not None:
-            target_logits = self.softcap * torch.tanh(target_logits / self.softcap)
-        return log_partition_from_log_probs(target_logits, log_probs[mask].float())
 
 
 # --- Measuring a model without training (`align diagnose attention`) ---------------------------------------------

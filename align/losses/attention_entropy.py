@@ -10,6 +10,8 @@ Sources:
       penalty  = delta^2 * 1[|delta| > gamma * E_max]      (the FULL squared deviation once outside the band)
       L_entropy = (1/L) sum_l (1/H) sum_h penalty          and   L_total = L_task + lambda * L_entropy
 
+  (`attention_entropy_penalty` below is L_entropy; `entropy_band_penalty` is one layer's (1/H) sum_h penalty.)
+
   The paper's reference code instead applies the band per query row and SUMS the row penalties over the batch and
   positions before dividing by the number of heads. Both are available (`convention="paper"` / `"code"`); they give
   different numbers (methods.md §5.6: 0 vs 1.125308 for one causal uniform head of length 4).
@@ -25,6 +27,9 @@ Normalization ("what is E_max of a row"), `entropy_units` below:
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
@@ -143,10 +148,41 @@ def entropy_band_penalty(
     return (penalty * counted).sum() / counted.sum().clamp(min=1)
 
 
-def entropy_regularizer(layer_penalties: list[torch.Tensor] | torch.Tensor, coef: float) -> torch.Tensor:
-    """lambda * mean over layers of the per-layer penalties (each already a mean over heads)."""
-    penalties = torch.stack(list(layer_penalties)) if not torch.is_tensor(layer_penalties) else layer_penalties
-    return coef * penalties.mean()
+class LayerRows(Protocol):
+    """What one attention layer saw in one forward (`align.attention.recorder.LayerRecord` is one)."""
+
+    layer: int  # row of the thresholds table
+    entropy: torch.Tensor  # (batch, heads, queries) row entropies in nats
+    valid_rows: torch.Tensor  # (batch, queries) bool, False for padding query rows
+    visible_keys: torch.Tensor  # (batch, queries) number of keys each row may attend to
+
+
+def attention_entropy_penalty(
+    layers: Sequence[LayerRows],
+    thresholds: torch.Tensor,
+    tolerance: float,
+    convention: str = "paper",
+    normalization: str = "context",
+) -> torch.Tensor:
+    """L_entropy = (1/L) sum_l penalty_l over the given layers, each penalty_l already a mean over heads (Algorithm 1).
+
+    The regularized loss is L_task + lambda * L_entropy; lambda is applied by the caller, which also logs L_entropy.
+
+    Args:
+        layers: one entry per layer; `layer` selects that layer's row of `thresholds`.
+        thresholds: (num_layers, heads) target fractions theta of E_max, in (0, 1).
+        tolerance, convention: as in `entropy_band_penalty`; normalization: as in `entropy_units`.
+    """
+    penalties = [
+        entropy_band_penalty(
+            *entropy_units(rows.entropy, rows.valid_rows, rows.visible_keys, normalization),
+            thresholds[rows.layer],
+            tolerance,
+            convention,
+        )
+        for rows in layers
+    ]
+    return torch.stack(penalties).mean()
 
 
 def log_partition_from_log_probs(target_logits: torch.Tensor, target_log_probs: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,14 @@
-"""Entropy-regularized attention for any TRL trainer: one config mixin, one trainer mixin, one composition function.
+"""Entropy-regularized attention for any TRL trainer: the trainer mixin and the composition function.
 
 Jha & Reagen 2025, "Entropy-Guided Attention for Private LLMs" (Algorithm 1): add lambda * L_entropy to the task
 loss, where L_entropy penalizes heads whose attention entropy leaves a band around a learnable fraction theta of the
-maximum entropy (the math and both conventions: `align.losses.attention_entropy`; the collection:
-`align.diagnostics.attention`). Optional extras: the paper's learnable per-head attention temperature, and from
-Wortsman et al. 2024 the max-attention-logit and output log Z monitors and the z-loss.
+maximum entropy. Optional extras: the paper's learnable per-head attention temperature, and from Wortsman et al. 2024
+the max-attention-logit and output log Z monitors and the z-loss. This module only wires them into TRL:
+
+- the math (both conventions, the z-loss): `align.losses.attention_entropy`;
+- the recording attention kernel, the learnable parameters and temperature folding: `align.attention`;
+- statistics, reports, heatmaps and the log Z probe: `align.diagnostics.attention`, `align.diagnostics.log_z`;
+- the config fields: `align.trainers.entropy_config.EntropyRegularizationArguments`.
 
     from trl import SFTConfig, SFTTrainer
     from align.trainers.entropy import with_entropy_regularization
@@ -12,163 +16,42 @@ Wortsman et al. 2024 the max-attention-logit and output log Z monitors and the z
     Trainer, Config = with_entropy_regularization(SFTTrainer, SFTConfig)   # also DPO, DCO, MarginPreference, ...
     args = Config(..., attention_entropy_coef=1e-3, attention_entropy_log_steps=50)
 
+`EntropySFTTrainer`, `EntropySFTConfig`, `EntropyDPOTrainer` and `EntropyDPOConfig` are the same compositions of
+TRL's classes, built when first imported.
+
 Everything is off unless a field turns it on (`attention_entropy_coef > 0`, `attention_entropy_log_steps > 0`,
 `attention_entropy_learnable_temperature`, `z_loss`); a composed trainer with every field at its default is the
 parent trainer, unchanged (same attention implementation, no hooks, no extra parameters).
 
-Learnable parameters (theta per layer and head, in (0, 1) through a sigmoid; log-temperatures) live in one small
-module attached to the policy, so the optimizer, DDP, DeepSpeed and FSDP treat them like any other parameter. They are
-excluded from weight decay, kept out of the model's state dict (saved models stay plain transformers checkpoints) and
-saved instead as `attention_entropy.safetensors` next to every checkpoint, from which a resumed run restores them.
+Learnable parameters (`align.attention.parameters`) are attached to the policy, so the optimizer, DDP, DeepSpeed and
+FSDP treat them like any other parameter. They are excluded from weight decay here, kept out of the model's state
+dict and saved as `attention_entropy.safetensors` next to every checkpoint, from which a resumed run restores them.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import TrainerCallback
 
-from align.diagnostics.attention import (
-    ATTENTION_IMPLEMENTATION,
-    PARAMETERS_ATTRIBUTE,
-    AttentionEntropyRecorder,
-    HeadEntropyAccumulator,
-    OutputLogZProbe,
-    attention_modules,
-    summarize,
-    write_heatmap,
-    write_report,
-)
-from align.losses.attention_entropy import (
-    CONVENTIONS,
-    NORMALIZATIONS,
-    entropy_band_penalty,
-    entropy_units,
-    z_loss,
-)
+from align.attention.folding import check_foldable, fold_attention_temperature
+from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.modules import attention_modules
+from align.attention.parameters import MODULE_NAME, AttentionEntropyParameters
+from align.attention.recorder import AttentionEntropyRecorder
+from align.diagnostics.attention import HeadEntropyAccumulator, summarize, write_heatmap, write_report
+from align.diagnostics.log_z import OutputLogZProbe
+from align.log_probs import is_peft_model
+from align.losses.attention_entropy import attention_entropy_penalty, z_loss
+from align.trainers.entropy_config import EntropyRegularizationArguments
 
 
 logger = logging.getLogger(__name__)
 
-PARAMETERS_FILE = "attention_entropy.safetensors"
-MODULE_NAME = "attention_entropy"
 HEATMAP_DIR = "attention_entropy"
-
-
-@dataclass
-class EntropyRegularizationArguments:
-    """Config fields of entropy-regularized attention; mixed into any TRL config by `with_entropy_regularization`.
-
-    > Regularizer (Jha & Reagen 2025, Algorithm 1): L = L_task + lambda * mean_layers mean_heads penalty, with
-    > penalty = (E - theta * E_max)^2 when |E - theta * E_max| > gamma * E_max.
-    """
-
-    attention_entropy_coef: float = field(
-        default=0.0,
-        metadata={
-            "help": "lambda, weight of the attention-entropy penalty (0 = off). The penalty's scale depends on the "
-            "convention: `paper` averages head entropies first (values up to E_max^2), `code` sums over all query "
-            "rows of the batch (the paper's 1e-5 was used with that sum)."
-        },
-    )
-    attention_entropy_tolerance: float = field(
-        default=0.2, metadata={"help": "gamma: no penalty while |E - theta * E_max| <= gamma * E_max (paper: 0.2)."}
-    )
-    attention_entropy_threshold_init: float = field(
-        default=0.5,
-        metadata={"help": "Initial theta, the learnable target entropy as a fraction of E_max, in (0, 1)."},
-    )
-    attention_entropy_convention: str = field(
-        default="paper",
-        metadata={
-            "help": "`paper`: penalize each head's mean entropy (Algorithm 1); `code`: penalize every query row and "
-            "sum (the reference implementation)."
-        },
-    )
-    attention_entropy_normalization: str = field(
-        default="context",
-        metadata={
-            "help": "E_max of a row: `context` = log of the sequence's length (the paper's log T); `visible` = log "
-            "of the number of keys the row can see (entropies become fractions of each row's maximum)."
-        },
-    )
-    attention_entropy_learnable_temperature: bool = field(
-        default=False,
-        metadata={
-            "help": "Learn a per-(layer, head) attention temperature (the paper's SM(t)), initialized at 1. Full "
-            "fine-tuning only; the final save folds it into the query projection."
-        },
-    )
-    attention_entropy_log_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Every N optimizer steps, write the per-(layer, head) entropy heatmap (PNG + JSON) to "
-            "`<output_dir>/attention_entropy/`. Any N > 0 also turns on the entropy metrics (0 = off)."
-        },
-    )
-    z_loss: bool = field(
-        default=False,
-        metadata={"help": "Add the z-loss z_loss_coef * mean (log Z)^2 of the output softmax (Wortsman et al. 2024)."},
-    )
-    z_loss_coef: float = field(default=1e-4, metadata={"help": "Coefficient of the z-loss (Wortsman et al.: 1e-4)."})
-
-    def __post_init__(self):
-        parent = getattr(super(), "__post_init__", None)
-        if parent is not None:
-            parent()
-        checks = [
-            ("attention_entropy_coef", self.attention_entropy_coef >= 0, "a number >= 0 (0 turns it off)"),
-            ("attention_entropy_tolerance", self.attention_entropy_tolerance >= 0, "a number >= 0, e.g. 0.2"),
-            (
-                "attention_entropy_threshold_init",
-                0 < self.attention_entropy_threshold_init < 1,
-                "strictly between 0 and 1, e.g. 0.5",
-            ),
-            (
-                "attention_entropy_convention",
-                self.attention_entropy_convention in CONVENTIONS,
-                f"one of {CONVENTIONS}",
-            ),
-            (
-                "attention_entropy_normalization",
-                self.attention_entropy_normalization in NORMALIZATIONS,
-                f"one of {NORMALIZATIONS}",
-            ),
-            ("attention_entropy_log_steps", self.attention_entropy_log_steps >= 0, "an integer >= 0 (0 turns it off)"),
-            ("z_loss_coef", self.z_loss_coef >= 0, "a number >= 0, e.g. 1e-4"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is invalid: it must be {expected}.")
-        kwargs = getattr(self, "gradient_checkpointing_kwargs", None) or {}
-        if (
-            self.attention_entropy_coef > 0
-            and getattr(self, "gradient_checkpointing", False)
-            and kwargs.get("use_reentrant")
-        ):
-            raise ValueError(
-                "attention_entropy_coef > 0 cannot be trained with reentrant gradient checkpointing "
-                "(gradient_checkpointing_kwargs={'use_reentrant': True}): its forward runs without gradients, so the "
-                "entropy penalty computed inside the layers would get none. Set `use_reentrant: false` or turn "
-                "gradient checkpointing off."
-            )
-
-    @property
-    def records_attention(self) -> bool:
-        """Whether the policy needs `entropy_eager` attention (penalty, heatmaps/metrics, or temperatures)."""
-        return (
-            self.attention_entropy_coef > 0
-            or self.attention_entropy_log_steps > 0
-            or self.attention_entropy_learnable_temperature
-        )
 
 
 def _settings(args) -> EntropyRegularizationArguments:
@@ -176,116 +59,9 @@ def _settings(args) -> EntropyRegularizationArguments:
     return args if isinstance(args, EntropyRegularizationArguments) else EntropyRegularizationArguments()
 
 
-class AttentionEntropyParameters(nn.Module):
-    """Learnable per-(layer, head) thresholds theta = sigmoid(threshold_logits) and log-temperatures.
-
-    Left out of state dicts on purpose (see the module docstring); `save`/`load` persist them.
-    """
-
-    def __init__(self, num_layers: int, num_heads: int, threshold_init: float | None, learn_temperature: bool):
-        super().__init__()
-        self.threshold_logits = None
-        self.log_temperature = None
-        if threshold_init is not None:
-            logit = math.log(threshold_init / (1 - threshold_init))
-            self.threshold_logits = nn.Parameter(torch.full((num_layers, num_heads), logit))
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(torch.zeros(num_layers, num_heads))
-
-    def thresholds(self) -> torch.Tensor:
-        return torch.sigmoid(self.threshold_logits)
-
-    def forward(self) -> torch.Tensor:
-        """theta, read through a module call.
-
-        DeepSpeed ZeRO-3 gathers a partitioned parameter only inside the forward of the module that owns it.
-        """
-        return self.thresholds()
-
-    def temperature(self, layer: int) -> torch.Tensor | None:
-        return None if self.log_temperature is None else torch.exp(self.log_temperature[layer])
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        pass  # persisted in PARAMETERS_FILE instead, so saved models stay loadable by plain transformers
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors):
-        pass
-
-    def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: _full_tensor(param) for name, param in self.named_parameters()}
-
-    def save(
-        self, directory: str | os.PathLike, settings: dict, tensors: dict[str, torch.Tensor] | None = None
-    ) -> Path:
-        """Write `directory/attention_entropy.safetensors` (`tensors`: `named_tensors()`, gathered by every rank)."""
-        from safetensors.torch import save_file
-
-        path = Path(directory) / PARAMETERS_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors = self.named_tensors() if tensors is None else tensors
-        tensors = {name: tensor.detach().float().cpu().contiguous() for name, tensor in tensors.items()}
-        save_file(tensors, str(path), metadata={"settings": json.dumps(settings)})
-        return path
-
-    def load(self, directory: str | os.PathLike) -> bool:
-        """Restore from `directory/attention_entropy.safetensors`; False (with a warning) if there is none."""
-        from safetensors.torch import load_file
-
-        path = Path(directory) / PARAMETERS_FILE
-        if not path.is_file():
-            warnings.warn(
-                f"{path} not found: attention-entropy parameters restart from their initial values.", stacklevel=2
-            )
-            return False
-        saved = load_file(str(path))
-        for name, param in self.named_parameters():
-            if name not in saved or saved[name].shape != param.shape:
-                raise ValueError(
-                    f"{path}: parameter {name!r} has shape {tuple(saved[name].shape) if name in saved else None}, "
-                    f"this run expects {tuple(param.shape)}. Resume with the same model and attention-entropy "
-                    "settings."
-                )
-            with torch.no_grad():
-                param.copy_(saved[name].to(param.dtype))
-        return True
-
-
-def _full_tensor(param: torch.Tensor) -> torch.Tensor:
-    """The whole parameter, under FSDP2 (DTensor) or DeepSpeed ZeRO-3 (partitioned) too."""
-    if hasattr(param, "full_tensor"):
-        return param.full_tensor()
-    if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
-            return param.detach().clone()
-    return param
-
-
-@torch.no_grad()
-def fold_attention_temperature(model: nn.Module, parameters: AttentionEntropyParameters) -> None:
-    """Divide each head's query projection by its learned temperature, then reset the temperatures to 1.
-
-    softmax(q.k / (t sqrt(d))) with q = W_q x + b equals softmax(q'.k / sqrt(d)) with q' = (W_q x + b) / t, and
-    rotary embeddings are linear in q, so the folded model is an ordinary checkpoint computing the same function.
-    """
-    if parameters.log_temperature is None:
-        return
-    for module in attention_modules(model):
-        projection = module.q_proj
-        temperature = torch.exp(parameters.log_temperature[module.layer_idx]).to(projection.weight.dtype)
-        heads = temperature.numel()
-        scale = (1 / temperature).repeat_interleave(projection.out_features // heads)
-        projection.weight.mul_(scale[:, None])
-        if projection.bias is not None:
-            projection.bias.mul_(scale)
-    parameters.log_temperature.zero_()
-
-
-def _check_temperature_support(trainer, policy: nn.Module) -> None:
-    from peft import PeftModel
-
-    if isinstance(trainer.model, PeftModel):
+def _check_temperature_support(trainer, policy) -> None:
+    """Refuse learnable temperatures where the final save could not fold them into the query weights."""
+    if is_peft_model(trainer.model):
         raise ValueError(
             "attention_entropy_learnable_temperature needs full fine-tuning: a LoRA adapter cannot carry a per-head "
             "temperature, and folding it into the frozen base weights would be lost on save. Turn off use_peft or "
@@ -298,39 +74,7 @@ def _check_temperature_support(trainer, policy: nn.Module) -> None:
             "attention_entropy_learnable_temperature is not supported with FSDP or DeepSpeed ZeRO-3 (the final save "
             "folds it into unsharded query weights). Use DDP or ZeRO-1/2, or turn the temperature off."
         )
-    for module in attention_modules(policy):
-        projection = getattr(module, "q_proj", None)
-        heads = policy.config.get_text_config().num_attention_heads
-        if not isinstance(projection, nn.Linear) or hasattr(module, "q_norm") or projection.out_features % heads:
-            raise ValueError(
-                f"attention_entropy_learnable_temperature cannot be folded into {type(module).__name__}: it needs a "
-                "plain `q_proj` Linear with one block of rows per head and no query normalization (`q_norm`)."
-            )
-
-
-def attention_entropy_penalty(
-    records: list, thresholds: torch.Tensor, settings: EntropyRegularizationArguments
-) -> torch.Tensor:
-    """L_entropy: the mean over recorded layers of each layer's band penalty (itself a mean over heads).
-
-    `thresholds` is the (layers, heads) theta table; `settings` supplies the normalization, tolerance and convention.
-    """
-    penalties = []
-    for record in records:
-        units, max_units, weights = entropy_units(
-            record.entropy, record.valid_rows, record.visible_keys, settings.attention_entropy_normalization
-        )
-        penalties.append(
-            entropy_band_penalty(
-                units,
-                max_units,
-                weights,
-                thresholds[record.layer],
-                settings.attention_entropy_tolerance,
-                settings.attention_entropy_convention,
-            )
-        )
-    return torch.stack(penalties).mean()
+    check_foldable(policy)
 
 
 class _HeatmapCallback(TrainerCallback):
@@ -363,9 +107,7 @@ class EntropyRegularizationMixin:
             return
         if not hasattr(self, "_metrics"):
             raise TypeError(f"{type(self).__name__}: entropy regularization composes with TRL trainers only.")
-        from peft import PeftModel
-
-        policy = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        policy = self.model.get_base_model() if is_peft_model(self.model) else self.model
         self._entropy_recorder = AttentionEntropyRecorder()
         self._entropy_probe = OutputLogZProbe(policy)
         self._entropy_modules = []
@@ -387,9 +129,7 @@ class EntropyRegularizationMixin:
                 threshold_init=settings.attention_entropy_threshold_init if settings.attention_entropy_coef else None,
                 learn_temperature=settings.attention_entropy_learnable_temperature,
             ).to(next(policy.parameters()).device)
-            policy.add_module(MODULE_NAME, parameters)
-            for module in self._entropy_modules:
-                object.__setattr__(module, PARAMETERS_ATTRIBUTE, parameters)  # a reference, not a submodule
+            parameters.attach(policy, self._entropy_modules)
             self.attention_entropy_parameters = parameters
         self._entropy_running = HeadEntropyAccumulator(*self._entropy_shape)
         if settings.attention_entropy_log_steps > 0:
@@ -444,7 +184,13 @@ class EntropyRegularizationMixin:
         extra, scalars = None, {}
         if settings.attention_entropy_coef > 0:
             thresholds = self.attention_entropy_parameters()
-            penalty = attention_entropy_penalty(records, thresholds, settings)
+            penalty = attention_entropy_penalty(
+                records,
+                thresholds,
+                settings.attention_entropy_tolerance,
+                settings.attention_entropy_convention,
+                settings.attention_entropy_normalization,
+            )
             extra = settings.attention_entropy_coef * penalty / divisor
             scalars["attention_entropy/penalty"] = penalty.detach()
             scalars["attention_entropy/regularizer"] = settings.attention_entropy_coef * penalty.detach()
@@ -562,13 +308,36 @@ class EntropyRegularizationMixin:
 
 
 _COMPOSED: dict[tuple[type, type], tuple[type, type]] = {}
+# Ready-made compositions of TRL's SFT and DPO, built on first use (module `__getattr__`) so that importing this
+# module does not import TRL, and so that a pickled config (Trainer saves `training_args.bin`) loads in a new process.
+_READY_MADE = {
+    f"Entropy{name}": (trainer, config)
+    for trainer, config in (("SFTTrainer", "SFTConfig"), ("DPOTrainer", "DPOConfig"))
+    for name in (trainer, config)
+}
 
 
-def _register(cls: type) -> type:
-    """Make a class created at run time importable by name, so pickling (Trainer saves `training_args.bin`) works."""
+def __getattr__(name: str) -> type:
+    if name not in _READY_MADE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import trl
+
+    trainer_name, config_name = _READY_MADE[name]
+    trainer, config = with_entropy_regularization(getattr(trl, trainer_name), getattr(trl, config_name))
+    return trainer if trainer.__name__ == name else config
+
+
+def _register(cls: type, parent: type) -> type:
+    """Make a class created at run time importable by name, so pickling (Trainer saves `training_args.bin`) works.
+
+    The ready-made names stay reserved for the compositions of TRL's own classes (a user's `SFTTrainer` subclass
+    becomes `EntropySFTTrainer2`), so that they resolve to the same class in every process.
+    """
     name = cls.__name__
     suffix = 1
-    while name in globals() and globals()[name] is not cls:
+    while (name in globals() and globals()[name] is not cls) or (
+        name in _READY_MADE and not parent.__module__.startswith("trl.")
+    ):
         suffix += 1
         name = f"{cls.__name__}{suffix}"
     cls.__name__ = cls.__qualname__ = name
@@ -593,7 +362,7 @@ def with_entropy_regularization(trainer_cls: type, config_cls: type) -> tuple[ty
                     {"__doc__": f"`{config_cls.__name__}` plus the fields of `EntropyRegularizationArguments`."},
                 )
             )
-            config = _register(config)
+            config = _register(config, config_cls)
         trainer = trainer_cls
         if not issubclass(trainer_cls, EntropyRegularizationMixin):
             trainer = _register(
@@ -601,16 +370,8 @@ def with_entropy_regularization(trainer_cls: type, config_cls: type) -> tuple[ty
                     f"Entropy{trainer_cls.__name__}",
                     (EntropyRegularizationMixin, trainer_cls),
                     {"__doc__": f"`{trainer_cls.__name__}` with `EntropyRegularizationMixin`."},
-                )
+                ),
+                trainer_cls,
             )
         _COMPOSED[key] = (trainer, config)
     return _COMPOSED[key]
-
-
-def _ready_made():
-    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-    return with_entropy_regularization(SFTTrainer, SFTConfig), with_entropy_regularization(DPOTrainer, DPOConfig)
-
-
-(EntropySFTTrainer, EntropySFTConfig), (EntropyDPOTrainer, EntropyDPOConfig) = _ready_made()
