@@ -9,12 +9,14 @@ import torch
 
 from align.diagnostics.entanglement import (
     EntanglementMonitor,
+    PairGeometry,
     pair_geometry,
     read_records,
     regime,
     select_parameters,
     summarize,
 )
+from align.diagnostics.entanglement.prediction import first_order_prediction, measurement, update_coefficients
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,41 @@ def test_regimes_from_predicted_signs():
     assert regime(-1.0, -1.0) == "both_down"
     assert regime(-1.0, 1.0) == "inverted"
     assert regime(0.0, 0.0) == "inactive"
+
+
+def _geometry(inner, norm_w, norm_l):
+    t = lambda values: torch.tensor(values, dtype=torch.float64)  # noqa: E731
+    return PairGeometry(t([-1.0] * len(inner)), t([-2.0] * len(inner)), t(inner), t(norm_w), t(norm_l))
+
+
+def test_update_coefficients_name_their_source():
+    """The sampled pairs' (d_w, d_l): the loss's, the normalized update's c/‖g‖, or assumed equal for TRL's loss."""
+    geometry = _geometry([1.0, 0.0], [4.0, 9.0], [1.0, 0.0])
+    d_chosen, d_rejected = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.4, 0.5, 0.6])
+    source, d_w, d_l = update_coefficients([0, 2], geometry, d_chosen, d_rejected)
+    assert source == "loss" and d_w.tolist() == pytest.approx([0.1, 0.3]) and d_l.tolist() == pytest.approx([0.4, 0.6])
+    source, d_w, d_l = update_coefficients([0, 2], geometry, d_chosen, d_rejected, torch.tensor([2.0, 0.0, 3.0]))
+    assert source == "normalized" and d_w.tolist() == [1.0, 1.0] and d_l.tolist() == [2.0, 0.0]  # ‖g_l‖ = 0: 0
+    source, d_w, d_l = update_coefficients([1], geometry)
+    assert source == "assumed_equal" and d_w.tolist() == d_l.tolist() == [1.0]
+
+
+def test_first_order_prediction_and_measurement():
+    """Δlog π_w = d_w‖g_w‖² − d_l⟨g_w,g_l⟩ = 4 − 3, Δlog π_l = d_w⟨g_w,g_l⟩ − d_l‖g_l‖² = 3 − 2 (both up); a zero
+    norm gives no cosine or ratio, and a response with no predicted change no sign to check."""
+    geometry = _geometry([3.0, 0.0], [4.0, 0.0], [2.0, 1.0])
+    ones = torch.ones(2, dtype=torch.float64)
+    entangled, no_chosen_gradient = first_order_prediction(geometry, ones, ones)
+    assert entangled["pred_delta_chosen"] == 1.0 and entangled["pred_delta_rejected"] == 1.0
+    assert entangled["regime"] == "both_up" and entangled["condition_ratio"] == 1.5
+    assert entangled["cosine"] == pytest.approx(3 / 8**0.5)
+    assert no_chosen_gradient["cosine"] is None and no_chosen_gradient["condition_ratio"] is None
+    measured = measurement(entangled, before=(-10.0, -12.0), after=(-10.5, -11.0))
+    assert measured["delta_chosen"] == -0.5 and measured["delta_rejected"] == 1.0
+    assert measured["measured_regime"] == "inverted"
+    assert measured["sign_correct_chosen"] is False and measured["sign_correct_rejected"] is True
+    no_prediction = {"pred_delta_chosen": 0.0, "pred_delta_rejected": 0.0}
+    assert measurement(no_prediction, (-1.0, -1.0), (-2.0, 0.0))["sign_correct_chosen"] is None
 
 
 def _record(step, regime_name, delta_w, delta_l, correct_w=True, correct_l=True, ratio=0.5):
