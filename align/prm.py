@@ -12,19 +12,16 @@ How a completion is scored:
 1. `prompt + completion + end-of-turn` is tokenized in one piece, as the trainer did (TRL tokenizes the whole
    conversation; the end-of-turn text of the chat template, or EOS for plain prompts, closes the completion during
    training, so its log-ratio is part of the outcome reward and of the last step, as in the reference code).
-2. Steps are character spans of the completion: split after each run of `step_separator` ("\\n\\n" by default,
-   the separator belongs to the step it ends), or after each match of the regex `step_pattern` (a lookahead such as
-   `(?=Step \\d+:)` starts a step at each header), or given explicitly as character offsets where steps end.
-3. Character spans become token spans through the tokenizer's offset mapping: a token belongs to the step holding
-   its last character, so a token merged across a boundary (".\\n\\nThe") is counted once, in the step whose text
-   it completes, and q^k never includes text of a later step.
-4. The policy and the reference each run once per padded batch (right padding, so causal attention keeps every real
-   token's log-prob independent of its batch mates), through TRL's fused LM head (no (batch, length, vocab) logits).
+2. The completion is split into steps and its tokens assigned to them as `align.steps` defines (after each run of
+   "\\n\\n" by default, or a regex `step_pattern`, or explicit character offsets; a token belongs to the step holding
+   its last character, so q^k never includes text of a later step).
+3. The policy and the reference each run once per padded batch (right padding, so causal attention keeps every real
+   token's log-prob independent of its batch mates), through TRL's fused LM head (`align.log_probs`, no
+   (batch, length, vocab) logits).
 """
 
 from __future__ import annotations
 
-import bisect
 import json
 import logging
 import re
@@ -34,13 +31,14 @@ from pathlib import Path
 
 import torch
 
+from align.log_probs import enable_fused_log_probs, is_peft_model, token_log_probs
 from align.losses.implicit_reward import AGGREGATES, aggregate_step_rewards, process_rewards, token_rewards
+from align.steps import DEFAULT_STEP_SEPARATOR, Segmentation, segment_completion
 
 
 logger = logging.getLogger("align.prm")
 
 DEFAULT_BETA = 0.05
-DEFAULT_STEP_SEPARATOR = "\n\n"
 # Written next to a trained PRM by `align train prm`, read back by `ImplicitPRM.from_pretrained`.
 SETTINGS_FILE = "implicit_prm.json"
 _TEMPLATE_MARKER = "ALIGN_END_OF_COMPLETION_MARKER"
@@ -67,60 +65,6 @@ class StepScore:
         return asdict(self)
 
 
-@dataclass
-class Segmentation:
-    """A tokenized prompt + completion and the completion's steps, before any model runs."""
-
-    input_ids: list[int]  # prompt + completion (+ end-of-turn) tokens
-    completion_start: int  # index in input_ids of the first scored (completion) token
-    token_spans: list[tuple[int, int]]  # character span in `text` of each completion token
-    step_spans: list[tuple[int, int]]  # character span in `text` of each step
-    step_ends: list[int]  # exclusive boundaries into the completion tokens: step k is [ends[k-1], ends[k])
-    text: str  # completion + end-of-turn text
-    truncated: bool = False
-
-
-def step_char_spans(
-    text: str, separator: str | None = DEFAULT_STEP_SEPARATOR, pattern: str | None = None
-) -> list[tuple[int, int]]:
-    """Contiguous [start, end) spans covering `text`, one per step (at least one, even for empty text).
-
-    A step ends after each run of the literal `separator`, or, when `pattern` is given, after each regex match.
-    Boundaries at the very start or end of the text do not create empty steps.
-    """
-    if pattern is None and not separator:
-        return [(0, len(text))]
-    regex = re.compile(pattern if pattern is not None else f"(?:{re.escape(separator)})+")
-    # A match at the very start (a leading separator) stays in the first step instead of making an empty one.
-    ends = sorted({m.end() for m in regex.finditer(text) if m.start() > 0 and m.end() < len(text)})
-    return spans_from_step_ends(len(text), ends)
-
-
-def spans_from_step_ends(length: int, ends: Sequence[int]) -> list[tuple[int, int]]:
-    """Spans [0, e1), [e1, e2), ..., [e_last, length) from strictly increasing interior step ends."""
-    bounds = [0, *[int(end) for end in ends if 0 < int(end) < length], length]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-
-
-def assign_tokens_to_steps(token_spans: Sequence[tuple[int, int]], step_spans: Sequence[tuple[int, int]]) -> list[int]:
-    """Exclusive token boundary of each step: tokens [ends[k−1], ends[k]) belong to step k.
-
-    A token belongs to the step holding its last character (a zero-width token: the one holding its start), so a
-    token merged across a step boundary is counted once, in the step whose text it completes. Tokens must be in
-    text order, as a tokenizer's offset mapping is.
-    """
-    starts = [start for start, _ in step_spans]
-    counts = [0] * len(step_spans)
-    for start, end in token_spans:
-        anchor = end - 1 if end > start else start
-        counts[max(bisect.bisect_right(starts, anchor) - 1, 0)] += 1
-    ends, total = [], 0
-    for count in counts:
-        total += count
-        ends.append(total)
-    return ends
-
-
 def end_of_turn_text(tokenizer) -> str:
     """What closes an assistant turn in training data: the chat template's text after the message content (e.g.
     "<|im_end|>\\n"), or the EOS token for tokenizers without a chat template (TRL appends it to plain completions)."""
@@ -134,87 +78,6 @@ def end_of_turn_text(tokenizer) -> str:
             if _TEMPLATE_MARKER in rendered:
                 return rendered[rendered.rindex(_TEMPLATE_MARKER) + len(_TEMPLATE_MARKER) :]
     return tokenizer.eos_token or ""
-
-
-def segment_completion(
-    tokenizer,
-    prompt: str,
-    completion: str,
-    step_ends: Sequence[int] | None = None,
-    separator: str | None = DEFAULT_STEP_SEPARATOR,
-    pattern: str | None = None,
-    suffix: str = "",
-    max_length: int | None = None,
-    index: int = 0,
-) -> Segmentation:
-    """Tokenize `prompt + completion + suffix` in one piece and map the completion's steps to its tokens.
-
-    `step_ends`: explicit character offsets (in the completion) where steps end; otherwise steps come from
-    `separator`/`pattern` (see `step_char_spans`). The suffix (the end-of-turn text) joins the last step; a completion
-    that already ends with it (generated text that kept its end-of-turn token) does not get it twice. `index` names
-    the completion in error messages.
-    """
-    if not isinstance(prompt, str) or not isinstance(completion, str):
-        raise TypeError(
-            f"completion {index}: prompt and completion must be strings (rendered prompt text and the generated "
-            f"text), got {type(prompt).__name__} and {type(completion).__name__}"
-        )
-    if step_ends is None:
-        spans = step_char_spans(completion, separator, pattern)
-    else:
-        ends = [int(end) for end in step_ends]
-        if any(b <= a for a, b in zip(ends, ends[1:])) or any(not 0 < e <= len(completion) for e in ends):
-            raise ValueError(
-                f"completion {index}: step_ends {ends} must be strictly increasing character offsets in "
-                f"(0, {len(completion)}] (where each step ends in the completion)"
-            )
-        spans = spans_from_step_ends(len(completion), ends)
-    stripped = suffix.rstrip()
-    if suffix and stripped and completion.endswith(stripped):
-        suffix = suffix[len(stripped) :]
-    text = completion + suffix
-    spans[-1] = (spans[-1][0], len(text))
-    encoding = tokenizer(
-        prompt + text, add_special_tokens=False, return_offsets_mapping=True, return_attention_mask=False
-    )
-    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
-    boundary = len(prompt)
-    # A completion token is any token reaching past the prompt (one merged across the boundary included).
-    first = next((i for i, (s, e) in enumerate(offsets) if e > boundary or s >= boundary), len(ids))
-    first = max(first, 1)  # the first token of a sequence has no log-prob: it is never scored
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        ids = ids[:max_length]
-        cut = offsets[len(ids) - 1][1] - boundary if len(ids) > first else 0
-        spans = [span for span in spans if span[0] < cut] or spans[:1]
-    token_spans = [(max(s - boundary, 0), max(e - boundary, 0)) for s, e in offsets[first : len(ids)]]
-    return Segmentation(
-        input_ids=ids,
-        completion_start=first,
-        token_spans=token_spans,
-        step_spans=spans,
-        step_ends=assign_tokens_to_steps(token_spans, spans),
-        text=text,
-        truncated=truncated,
-    )
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _enable_fused_log_probs(model) -> None:
-    """Patch TRL's fused LM head onto `model` once (on the base model under PEFT, as TRL's trainers do)."""
-    from trl.trainer.utils import add_fused_lm_head
-
-    target = model.get_base_model() if _is_peft(model) else model
-    if not getattr(target, "_align_fused_lm_head", False):
-        add_fused_lm_head(target)
-        target._align_fused_lm_head = True
 
 
 def read_settings(path: str | Path) -> dict:
@@ -233,7 +96,7 @@ class ImplicitPRM:
         ref_model: the reference model. Required for a full model unless `reference_free=True`.
         beta: the β of r = β·log π/π_ref. Rankings by any aggregate do not depend on it; σ(score) does.
         reference_free: score β·log π_θ alone (the paper's §5.5.2 variant; rank only equal-length completions).
-        step_separator / step_pattern: how steps are delimited (see `step_char_spans`).
+        step_separator / step_pattern: how steps are delimited (see `align.steps.step_char_spans`).
         end_of_completion: "auto" (the chat template's end of turn, or EOS), None (nothing), or a literal string
             appended after each completion before scoring.
         batch_size: completions per forward pass.
@@ -260,7 +123,7 @@ class ImplicitPRM:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if reference_free and ref_model is not None:
             raise ValueError("reference_free=True scores without a reference; do not pass ref_model as well.")
-        if ref_model is None and not reference_free and not _is_peft(model):
+        if ref_model is None and not reference_free and not is_peft_model(model):
             raise ValueError(
                 "An implicit PRM needs its reference model: pass ref_model (the model the PRM was trained from), "
                 "load a LoRA adapter (its base is the reference), or set reference_free=True."
@@ -279,9 +142,9 @@ class ImplicitPRM:
         self.batch_size = batch_size
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_length = max_length or limit
-        _enable_fused_log_probs(self.model)
+        enable_fused_log_probs(self.model)
         if self.ref_model is not None:
-            _enable_fused_log_probs(self.ref_model)
+            enable_fused_log_probs(self.ref_model)
 
     @classmethod
     def from_pretrained(
@@ -348,15 +211,6 @@ class ImplicitPRM:
 
     # ------------------------------------------------------------------ scoring
 
-    def _log_probs(self, model, input_ids, attention_mask, labels, disable_adapter: bool) -> torch.Tensor:
-        """Per-token log-probs (batch, length − 1) of `labels[:, 1:]`, 0 where the label is -100."""
-        if disable_adapter:
-            with model.disable_adapter():
-                return model(
-                    input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True
-                ).log_probs
-        return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True).log_probs
-
     @torch.inference_mode()
     def _score_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
         models = [m for m in (self.model, self.ref_model) if m is not None]
@@ -381,15 +235,14 @@ class ImplicitPRM:
             attention_mask[row, : len(item.input_ids)] = 1
             scored[row, item.completion_start : len(item.input_ids)] = True
         input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
-        labels = input_ids.masked_fill(~scored, -100)
 
-        policy = self._log_probs(self.model, input_ids, attention_mask, labels, disable_adapter=False)
+        policy, _ = token_log_probs(self.model, input_ids, scored, attention_mask)
         reference = None
-        if not self.reference_free:
-            if self.ref_model is not None:
-                reference = self._log_probs(self.ref_model, input_ids, attention_mask, labels, disable_adapter=False)
-            else:
-                reference = self._log_probs(self.model, input_ids, attention_mask, labels, disable_adapter=True)
+        if self.ref_model is not None:
+            reference, _ = token_log_probs(self.ref_model, input_ids, scored, attention_mask)
+        elif not self.reference_free:
+            with self.model.disable_adapter():  # a LoRA PRM: its adapter-disabled base is the reference
+                reference, _ = token_log_probs(self.model, input_ids, scored, attention_mask)
         # Index j of the fused output is the log-prob of token j + 1; token 0 is never scored.
         rewards = token_rewards(
             policy.double(), None if reference is None else reference.double(), scored[:, 1:], self.beta

@@ -8,7 +8,8 @@ import torch
 from datasets import Dataset
 
 from align.losses.coverage import coverage_weight
-from align.trainers.dco import P_HAT_COLUMN, STEP_IDS_COLUMN, DCOConfig, DCOTrainer, step_segment_ids
+from align.steps import step_segment_ids
+from align.trainers.dco import P_HAT_COLUMN, STEP_IDS_COLUMN, DCOConfig, DCOTrainer
 
 
 def _rows(count=16, p_hat=None):

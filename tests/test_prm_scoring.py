@@ -8,13 +8,8 @@ import torch
 
 from align.data.prompts import render_prompt
 from align.data.synthetic import corrupt_solution, generate_problems
-from align.prm import (
-    ImplicitPRM,
-    assign_tokens_to_steps,
-    end_of_turn_text,
-    segment_completion,
-    step_char_spans,
-)
+from align.prm import ImplicitPRM, end_of_turn_text
+from align.steps import assign_tokens_to_steps, segment_completion, step_char_spans
 
 
 SOLUTION = "We add 45 and 23.\n\n$45 + 23 = 68$.\n\nThe answer is $\\boxed{68}$."
@@ -345,7 +340,7 @@ def test_sigmoid_of_scores_is_a_probability(models):
 
 
 def test_the_harness_stores_the_scorers_scores_and_step_rewards(models):
-    from align.evaluation.harness import score_records
+    from align.evaluation.scoring import score_records
 
     policy, reference, tokenizer = models
     prompts, completions = _examples(tokenizer, count=4)

@@ -19,15 +19,10 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from bisect import bisect_right
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
-from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
-from trl.trainer.utils import global_then_local_main_first
 
 from align.losses.coverage import (
     CoverageLossOutput,
@@ -36,12 +31,17 @@ from align.losses.coverage import (
     segment_log_probs,
     sequence_log_probs,
 )
+from align.steps import DEFAULT_STEP_PATTERN
+from align.trainers.dco_data import (
+    P_HAT_COLUMN,
+    STEP_IDS_COLUMN,
+    DataCollatorForCoverage,
+    add_step_ids,
+    check_p_hat_column,
+)
 
 
 DCO_MODES = ("sequence", "step", "estimated")
-P_HAT_COLUMN = "p_hat"
-STEP_IDS_COLUMN = "dco_step_ids"
-DEFAULT_STEP_SEPARATOR = r"\n\s*\n"
 
 
 # The paper both the offline DCOTrainer and the on-policy PassAtNGRPOTrainer implement (model cards cite it).
@@ -58,6 +58,22 @@ DCO_PAPER = {
             journal = {arXiv preprint arXiv:2502.07154},
         }"""),
 }
+
+
+def check_pass_n(value, one_means: str) -> float:
+    """N of the DCO paper's pass@N objective, as a float, for `DCOConfig` and `PassAtNConfig`: a finite number >= 1
+    (fractional N is allowed: the objective 1 - (1 - p)^N is smooth in N). `one_means` says what N = 1 trains."""
+    if not (isinstance(value, int | float) and math.isfinite(value) and value >= 1):
+        raise ValueError(
+            f"pass_n must be a number >= 1 (the test-time sample budget N; 1 = {one_means}), got {value!r}."
+        )
+    return float(value)
+
+
+def default_output_dir(model, method: str) -> str:
+    """`<model name>-<method>`: the output directory TRL's trainers use when built without args (`SmolLM2-DCO`)."""
+    name = model if isinstance(model, str) else model.config._name_or_path
+    return f"{str(name).rstrip('/').split('/')[-1]}-{method}"
 
 
 @dataclass
@@ -79,8 +95,10 @@ class DCOConfig(SFTConfig):
         dco_weight_threshold (`float`, *optional*, defaults to `0.0`):
             ε: units (sequences, or steps) whose weight F < ε are dropped from the batch, and the mean divides by
             the number of sequences kept. `0` keeps everything.
-        dco_step_separator (`str`, *optional*, defaults to `r"\n\s*\n"`):
-            Regular expression between two steps in `step` mode (default: a blank line).
+        dco_step_separator (`str`, *optional*, defaults to `r"(?:\n\n)+"`):
+            Regular expression that ends a step in `step` mode. The default is `align.steps.DEFAULT_STEP_PATTERN`, a
+            run of "\n\n", so DCO_step trains on the steps the implicit PRM (`align.prm`) scores; steps and their
+            tokens are assigned as `align.steps` defines.
 
     The SFT options `packing`, `padding_free`, `loss_type="dft"` and `label_smoothing_factor` are rejected: packing
     mixes sequences in one row, and the others replace the loss that DCO defines.
@@ -110,16 +128,15 @@ class DCOConfig(SFTConfig):
         },
     )
     dco_step_separator: str = field(
-        default=DEFAULT_STEP_SEPARATOR,
-        metadata={"help": "Regular expression between two steps in `step` mode (default: a blank line)."},
+        default=DEFAULT_STEP_PATTERN,
+        metadata={
+            "help": "Regular expression that ends a step in `step` mode (default: each run of \\n\\n, the implicit "
+            "PRM's step separator)."
+        },
     )
 
     def __post_init__(self):
-        if not (isinstance(self.pass_n, int | float) and math.isfinite(self.pass_n) and self.pass_n >= 1):
-            raise ValueError(
-                f"pass_n must be a number >= 1 (the test-time sample budget; 1 = cross-entropy), got {self.pass_n!r}."
-            )
-        self.pass_n = float(self.pass_n)
+        self.pass_n = check_pass_n(self.pass_n, one_means="cross-entropy")
         if self.dco_mode not in DCO_MODES:
             raise ValueError(f"dco_mode must be one of {DCO_MODES}, got {self.dco_mode!r}.")
         if not 0.0 <= self.dco_weight_threshold <= 1.0:
@@ -135,7 +152,8 @@ class DCOConfig(SFTConfig):
         if separator.fullmatch(""):
             raise ValueError(
                 f"dco_step_separator {self.dco_step_separator!r} matches the empty string, so it would split "
-                r"between every character; use a pattern that consumes text, e.g. '\n\s*\n'."
+                r"between every character; use one that cannot match empty text, e.g. '(?:\n\n)+' or a lookahead "
+                r"such as '(?=Step \d+:)'."
             )
         if self.packing or self.padding_free:
             raise ValueError(
@@ -149,95 +167,6 @@ class DCOConfig(SFTConfig):
         if self.label_smoothing_factor:
             raise ValueError("DCO defines its own loss; set label_smoothing_factor to 0.")
         super().__post_init__()
-
-
-def step_segment_ids(labels: list[int], tokenizer, separator: re.Pattern) -> list[int]:
-    """The step index (0, 1, ...) of every trained token of one example, -1 for tokens outside the loss.
-
-    Steps are found in the text of the trained tokens: each token is decoded on its own and the pieces are
-    concatenated, which gives every token a character span in that text whatever the chat template, truncation or
-    tokenizer; a step starts after each match of `separator` and at every gap in the trained tokens (a new
-    assistant turn). A token that straddles a boundary belongs to the step it starts in.
-    """
-    positions = [i for i, token in enumerate(labels) if token != -100]
-    ids = [-1] * len(labels)
-    if not positions:
-        return ids
-    pieces = tokenizer.batch_decode(
-        [[labels[i]] for i in positions], skip_special_tokens=False, clean_up_tokenization_spaces=False
-    )
-    starts, offset = [], 0
-    for piece in pieces:
-        starts.append(offset)
-        offset += len(piece)
-    text = "".join(pieces)
-    boundaries = [match.end() for match in separator.finditer(text) if match.end() > match.start()]
-    raw_steps, gaps = [], 0
-    for k, (position, start) in enumerate(zip(positions, starts)):
-        if k and position != positions[k - 1] + 1:
-            gaps += 1
-        raw_steps.append((gaps, bisect_right(boundaries, start)))
-    # Number the steps 0, 1, 2, ... in order (a token spanning several separators can leave a step empty).
-    dense = {}
-    for position, step in zip(positions, raw_steps):
-        ids[position] = dense.setdefault(step, len(dense))
-    return ids
-
-
-def _check_p_hat_column(dataset, dataset_name: str) -> None:
-    columns = dataset.column_names
-    if columns is not None and P_HAT_COLUMN not in columns:
-        raise ValueError(
-            f"dco_mode='estimated' reads p̂ from a `{P_HAT_COLUMN}` column, but the {dataset_name} dataset has "
-            f"columns {sorted(columns)}. Build one with `align data coverage --model M --dataset D --k 16 --output "
-            "out/` and train on its output, or use dco_mode='sequence'."
-        )
-    if isinstance(dataset, Dataset):
-        for row, value in enumerate(dataset[P_HAT_COLUMN]):
-            if not _is_probability(value):
-                raise ValueError(
-                    f"The {dataset_name} dataset, row {row}: {P_HAT_COLUMN} = {value!r} is not a probability in "
-                    "[0, 1]. Fix or drop the row (p_hat is the fraction of sampled answers graded correct)."
-                )
-
-
-def _is_probability(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-
-
-@dataclass
-class DataCollatorForCoverage:
-    """Wraps TRL's collator and adds DCO's inputs: `p_hat` (B,) and the per-token step ids (B, L), -1 padded."""
-
-    collator: Callable[[list[dict[str, Any]]], dict[str, Any]]
-    with_p_hat: bool = False
-    with_step_ids: bool = False
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
-        batch = self.collator(examples)
-        if self.with_p_hat:
-            values = [example.get(P_HAT_COLUMN) for example in examples]
-            for index, value in enumerate(values):
-                if not _is_probability(value):
-                    raise ValueError(
-                        f"Batch example {index}: {P_HAT_COLUMN} = {value!r} is not a probability in [0, 1]; fix the "
-                        "dataset's p_hat column."
-                    )
-            batch[P_HAT_COLUMN] = torch.tensor(values, dtype=torch.float32)
-        if self.with_step_ids:
-            width = batch["labels"].shape[1]
-            step_ids = torch.full((len(examples), width), -1, dtype=torch.long)
-            for index, example in enumerate(examples):
-                row = example[STEP_IDS_COLUMN]
-                if len(row) != len(example["input_ids"]):
-                    raise ValueError(
-                        f"Batch example {index}: {STEP_IDS_COLUMN} has {len(row)} entries for "
-                        f"{len(example['input_ids'])} tokens; rebuild the dataset (the column must come from "
-                        "DCOTrainer's dataset preparation)."
-                    )
-                step_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)  # TRL pads on the right
-            batch[STEP_IDS_COLUMN] = step_ids
-        return batch
 
 
 class DCOTrainer(SFTTrainer):
@@ -265,8 +194,7 @@ class DCOTrainer(SFTTrainer):
 
     def __init__(self, model, args: DCOConfig | None = None, *, compute_loss_func=None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = DCOConfig(f"{str(name).rstrip('/').split('/')[-1]}-DCO")
+            args = DCOConfig(default_output_dir(model, "DCO"))
         elif not isinstance(args, DCOConfig):
             raise TypeError(
                 f"DCOTrainer needs a DCOConfig (it adds pass_n, dco_mode, ...), got {type(args).__name__}; build "
@@ -289,7 +217,7 @@ class DCOTrainer(SFTTrainer):
                     raise ValueError(
                         f"dco_mode='step' with skip_prepare_dataset needs a `{STEP_IDS_COLUMN}` column in the {name} "
                         "dataset (step index of each token, -1 outside the loss); let DCOTrainer prepare the dataset "
-                        "or add it with `align.trainers.dco.step_segment_ids`."
+                        "or add it with `align.steps.step_segment_ids`."
                     )
         self.data_collator = DataCollatorForCoverage(
             self.data_collator, with_p_hat=args.dco_mode == "estimated", with_step_ids=args.dco_mode == "step"
@@ -305,18 +233,12 @@ class DCOTrainer(SFTTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
         if args.dco_mode == "estimated":
-            _check_p_hat_column(dataset, dataset_name)
+            check_p_hat_column(dataset, dataset_name)
         dataset = super()._prepare_dataset(dataset, processing_class, args, packing, formatting_func, dataset_name)
         if args.dco_mode == "step" and STEP_IDS_COLUMN not in (dataset.column_names or []):
-            map_kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, Dataset) else {}
-            if isinstance(dataset, Dataset):
-                map_kwargs["desc"] = f"Splitting {dataset_name} completions into steps"
-            separator = re.compile(args.dco_step_separator)
-            with global_then_local_main_first():
-                dataset = dataset.map(
-                    lambda example: {STEP_IDS_COLUMN: step_segment_ids(example["labels"], self._tokenizer, separator)},
-                    **map_kwargs,
-                )
+            dataset = add_step_ids(
+                dataset, self._tokenizer, args.dco_step_separator, args.dataset_num_proc, dataset_name
+            )
         return dataset
 
     def _coverage_loss(self, outputs, p_hat, step_ids) -> CoverageLossOutput:

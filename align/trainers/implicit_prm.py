@@ -33,6 +33,7 @@ from trl import DPOConfig, DPOTrainer, KTOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, use_adapter
 
+from align.log_probs import is_peft_model, token_log_probs
 from align.losses.implicit_reward import (
     BALANCE_MODES,
     balanced_subset,
@@ -40,7 +41,8 @@ from align.losses.implicit_reward import (
     implicit_dpo_loss,
     implicit_nca_loss,
 )
-from align.prm import DEFAULT_STEP_SEPARATOR, SETTINGS_FILE
+from align.prm import SETTINGS_FILE
+from align.steps import DEFAULT_STEP_SEPARATOR
 
 
 logger = logging.getLogger("align.trainers.implicit_prm")
@@ -59,14 +61,6 @@ _DPO_LOSS_FIELDS = {
     "label_smoothing": 0.0,
     "use_weighting": False,
 }
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
 
 
 @dataclass
@@ -211,18 +205,14 @@ class ImplicitPRMTrainer:
     # -------------------------------------------------------------- shared by both objectives
 
     def _completion_logps(self, model, input_ids, attention_mask, completion_mask):
-        """Σ over completion tokens of log π(y_t | ·) per row, from TRL's fused LM head (no full logits)."""
-        labels = input_ids.masked_fill(completion_mask == 0, -100)
-        outputs = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, fused_lm_head=True
-        )
-        # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens.
-        return outputs.log_probs[:, -(input_ids.size(1) - 1) :].sum(-1), outputs
+        """(Σ over completion tokens of log π(y_t | ·) per row, the model's outputs), from TRL's fused LM head."""
+        log_probs, outputs = token_log_probs(model, input_ids, completion_mask, attention_mask)
+        return log_probs.sum(-1), outputs
 
     def _reference_logps(self, input_ids, attention_mask, completion_mask):
         """The reference's completion log-probs: the frozen `ref_model`, or the policy with its adapter disabled."""
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and _is_peft(self.accelerator.unwrap_model(self.model)):
+            if self.ref_model is None and is_peft_model(self.accelerator.unwrap_model(self.model)):
                 unwrapped = self.accelerator.unwrap_model(self.model)
                 # A fresh adapter's base is the reference; re-training a loaded adapter keeps a frozen copy as "ref".
                 with use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None):
@@ -280,7 +270,7 @@ class ImplicitPRMTrainer:
         if self.args.should_save:
             settings = self.args.scoring_settings()
             unwrapped = self.accelerator.unwrap_model(self.model)
-            if _is_peft(unwrapped):
+            if is_peft_model(unwrapped):
                 settings["reference"] = "adapter-disabled base"
             else:
                 reference = self.ref_model if self.ref_model is not None else unwrapped
