@@ -9,7 +9,14 @@ from datasets import Dataset
 
 from align.losses.coverage import coverage_weight
 from align.steps import step_segment_ids
-from align.trainers.dco import P_HAT_COLUMN, STEP_IDS_COLUMN, DCOConfig, DCOTrainer
+from align.trainers.dco import (
+    P_HAT_COLUMN,
+    STEP_IDS_COLUMN,
+    DCOConfig,
+    DCOTrainer,
+    check_pass_n,
+    default_output_dir,
+)
 
 
 def _rows(count=16, p_hat=None):
@@ -234,6 +241,22 @@ def test_batch_with_every_row_dropped_gives_zero_loss_and_no_update(tiny_model_d
 def test_config_rejects_bad_values(cpu_args, overrides, message):
     with pytest.raises(ValueError, match=message):
         _config(cpu_args, **overrides)
+
+
+def test_pass_n_check_and_default_output_dir_shared_with_pass_at_n():
+    from types import SimpleNamespace
+
+    from align.trainers.pass_n import PassAtNConfig
+
+    assert check_pass_n(4, one_means="cross-entropy") == 4.0 and check_pass_n(1.5, one_means="log p") == 1.5
+    for bad in (0.5, math.inf, "16", None):
+        with pytest.raises(ValueError, match=r"pass_n must be a number >= 1 \(.*; 1 = log p\)"):
+            check_pass_n(bad, one_means="log p")
+    with pytest.raises(ValueError, match="1 = log p"):
+        PassAtNConfig(output_dir="unused", pass_n=0, use_cpu=True, bf16=False, report_to="none")
+    assert default_output_dir("org/SmolLM2-135M/", "DCO") == "SmolLM2-135M-DCO"
+    model = SimpleNamespace(config=SimpleNamespace(_name_or_path="/models/Qwen2.5-Math-1.5B"))
+    assert default_output_dir(model, "pass_n") == "Qwen2.5-Math-1.5B-pass_n"
 
 
 def test_trainer_requires_a_dco_config(tiny_model_dir, cpu_args):
