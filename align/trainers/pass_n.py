@@ -30,7 +30,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from align.losses.pass_at_n import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
 from align.rewards import ANSWER_COLUMN, VerifierReward
-from align.trainers.dco import DCO_PAPER
+from align.trainers.dco import DCO_PAPER, check_pass_n, default_output_dir
 
 
 # Loss types whose on-policy update is a constant times Σ_i A_i ∇log π(y_i) (sequence sums, fixed normalizer).
@@ -130,11 +130,7 @@ class PassAtNConfig(GraderGRPOConfig):
     )
 
     def __post_init__(self):
-        if not (isinstance(self.pass_n, int | float) and math.isfinite(self.pass_n) and self.pass_n >= 1):
-            raise ValueError(
-                f"pass_n must be a number >= 1 (the test-time sample budget N; 1 = log p), got {self.pass_n!r}."
-            )
-        self.pass_n = float(self.pass_n)
+        self.pass_n = check_pass_n(self.pass_n, one_means="log p")
         if self.weight_estimator not in PASS_AT_N_ESTIMATORS:
             raise ValueError(f"weight_estimator must be one of {PASS_AT_N_ESTIMATORS}, got {self.weight_estimator!r}.")
         super().__post_init__()
@@ -220,8 +216,7 @@ class GraderGRPOTrainer(GRPOTrainer):
 
     @staticmethod
     def _default_args(model) -> GRPOConfig:
-        name = model if isinstance(model, str) else model.config._name_or_path
-        return GraderGRPOConfig(f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
+        return GraderGRPOConfig(default_output_dir(model, "GRPO"))
 
     def close_verifier(self) -> None:
         """Stop the verifier's grading processes (a later reward call starts new ones)."""
@@ -270,8 +265,7 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: PassAtNConfig | None = None, **kwargs):
         if args is None:
-            name = model if isinstance(model, str) else model.config._name_or_path
-            args = PassAtNConfig(f"{str(name).rstrip('/').split('/')[-1]}-pass_n")
+            args = PassAtNConfig(default_output_dir(model, "pass_n"))
         elif not isinstance(args, PassAtNConfig):
             raise TypeError(
                 f"PassAtNGRPOTrainer needs a PassAtNConfig (it adds pass_n, weight_estimator), got "
