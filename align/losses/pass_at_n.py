@@ -49,6 +49,11 @@ def unbiased_pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k) 
 
     The probability that k of the n samples drawn without replacement include a correct one. 1 where n - c < k;
     NaN where k is not an integer in [1, n].
+
+    `align.evaluation.estimators.pass_at_k` is the same estimator for reports (which losses/ may not import): a
+    float function, a product of c factors, exact to 1e-10 for any n. This one is vectorized over groups on the
+    training device and NaN for a fractional N; its log-gamma differences lose relative precision as n grows
+    (1e-7 at n = 10^4), which K samples per prompt never reach.
     """
     n = num_samples.to(torch.float64)
     c = num_correct.to(torch.float64)
