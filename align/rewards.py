@@ -10,8 +10,6 @@ verifier reward, as pass@N needs, and the same verdicts `align eval` reports.
 
 from __future__ import annotations
 
-import os
-
 from align.grading import Grader
 
 
@@ -33,12 +31,6 @@ def completion_text(completion) -> str:
     )
 
 
-def default_grader_workers() -> int:
-    """The CPUs this process may use, shared between the processes of this machine (one pool per process)."""
-    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    return max(1, len(os.sched_getaffinity(0)) // local_processes)
-
-
 class VerifierReward:
     """1.0 when the completion's final answer is equivalent to the row's gold `answer` (math-verify), else 0.0.
 
@@ -46,7 +38,8 @@ class VerifierReward:
     starts a fresh pool. Logs each completion's verdict and extracted answer to TRL's completions table.
 
     Args:
-        num_workers: grading processes (default: this process's CPUs divided by the processes on this machine).
+        num_workers: grading processes (default: `align.grading.default_grader_workers()`, this process's CPUs
+            divided by the processes on this machine).
         timeout_s: seconds allowed to grade one completion; a completion that takes longer scores 0.
         name: the name TRL logs the reward under (`rewards/<name>/mean`).
     """
@@ -64,7 +57,7 @@ class VerifierReward:
     @property
     def grader(self) -> Grader:
         if self._grader is None:
-            self._grader = Grader(num_workers=self.num_workers or default_grader_workers(), timeout_s=self.timeout_s)
+            self._grader = Grader(num_workers=self.num_workers, timeout_s=self.timeout_s)
         return self._grader
 
     def __call__(self, prompts=None, completions=None, answer=None, log_extra=None, **kwargs) -> list[float]:

@@ -76,7 +76,8 @@ def grade_inline(items, extraction_config) -> list[bool]:
 
 
 def main(repeats: int = 3) -> dict:
-    from align.grading import Grader, _extraction_config
+    from align.grading import Grader
+    from align.grading.verify import extraction_config as _extraction_config
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     items = mixed_items()

@@ -171,6 +171,19 @@ def test_a_crashed_worker_is_replaced_and_grading_goes_on():
         assert pool.grade(boxed("7"), "7").correct
 
 
+def test_items_sent_with_a_lost_item_are_requeued():
+    with Grader(num_workers=1, timeout_s=2.0) as pool:
+        pool.grade(boxed("1"), "1")
+        (pid,) = pool.worker_pids
+        # 13 items for one worker go out in batches of 6: the worker dies with 5 unstarted items in its batch
+        timer = _after(0.3, lambda: os.kill(pid, signal.SIGKILL))
+        items = [(PATHOLOGICAL["factorials"], "5")] + [(boxed(str(i)), str(i)) for i in range(12)]
+        results = pool.grade_many(items)
+        timer.join()
+        assert [r.verdict for r in results] == ["timeout"] + ["correct"] * 12
+        assert pool.replaced_workers >= 1 and pid not in pool.worker_pids
+
+
 def test_a_hung_worker_is_killed_at_the_hard_deadline():
     with Grader(num_workers=1, timeout_s=TIMEOUT_S) as pool:
         pool.grade(boxed("1"), "1")
@@ -216,3 +229,46 @@ def test_bad_arguments():
         Grader(num_workers=0)
     with Grader(num_workers=1) as pool, pytest.raises(TypeError, match="completion must be a string"):
         pool.grade(None, "1")
+
+
+def test_the_default_worker_count_shares_the_cpus_between_local_processes(monkeypatch):
+    from align.grading import default_grader_workers
+    from align.rewards import VerifierReward
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert default_grader_workers() == cpus
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert default_grader_workers() == max(1, cpus // 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(4 * cpus))  # more processes than CPUs: still one worker each
+    assert default_grader_workers() == 1
+    assert Grader().num_workers == 1  # nothing started: workers spawn on first use
+    reward = VerifierReward()
+    assert reward.grader.num_workers == 1
+    reward.close()
+
+
+def test_eval_and_the_online_trainers_share_one_definition_of_the_grading_options():
+    import dataclasses
+
+    from trl import TrlParser
+
+    from align.evaluation.config import EvalConfig
+    from align.grading import GradingArguments
+    from align.trainers.pass_n import GraderGRPOConfig, PassAtNConfig
+
+    shared = {f.name: f.metadata["help"] for f in dataclasses.fields(GradingArguments)}
+    assert set(shared) == {"grader_workers", "grading_timeout"}
+    for config in (EvalConfig, GraderGRPOConfig, PassAtNConfig):
+        fields = {f.name: f for f in dataclasses.fields(config)}
+        assert {name: fields[name].metadata["help"] for name in shared} == shared
+        assert issubclass(config, GradingArguments)
+        text = TrlParser((config,)).format_help()
+        assert "--grader_workers" in text and "--grading_timeout" in text
+    assert dataclasses.fields(GraderGRPOConfig)[0].name == "output_dir"  # still TrainingArguments' positional
+    for bad, message in (({"grader_workers": 0}, "grader_workers must be >= 1"), ({"grading_timeout": 0}, "> 0")):
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(output_dir="unused", **bad)
+        with pytest.raises(ValueError, match=message):
+            GraderGRPOConfig("unused", use_cpu=True, bf16=False, **bad)

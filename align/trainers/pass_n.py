@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
+from align.grading import GradingArguments
 from align.losses.pass_at_n import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
 from align.rewards import ANSWER_COLUMN, VerifierReward
 from align.trainers.dco import DCO_PAPER, check_pass_n, default_output_dir
@@ -38,7 +39,7 @@ SEQUENCE_SUM_LOSS_TYPES = ("dr_grpo", "luspo")
 
 
 @dataclass
-class GraderGRPOConfig(GRPOConfig):
+class GraderGRPOConfig(GradingArguments, GRPOConfig):
     r"""
     Configuration class for [`GraderGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus the options of align's verifier
     reward (used when the trainer is built without `reward_funcs`).
@@ -52,24 +53,8 @@ class GraderGRPOConfig(GRPOConfig):
             Seconds allowed to grade one completion; a completion that takes longer scores 0.
     """
 
-    grader_workers: int | None = field(
-        default=None,
-        metadata={
-            "help": "Grading processes per training process for the default verifier reward (default: this "
-            "process's CPUs divided by the processes on this machine)."
-        },
-    )
-    grading_timeout: float = field(
-        default=5.0,
-        metadata={"help": "Seconds allowed to grade one completion; a completion that takes longer scores 0."},
-    )
-
-    def __post_init__(self):
-        if self.grader_workers is not None and self.grader_workers < 1:
-            raise ValueError(f"grader_workers must be >= 1 (or null for automatic), got {self.grader_workers!r}.")
-        if not (isinstance(self.grading_timeout, int | float) and self.grading_timeout > 0):
-            raise ValueError(f"grading_timeout must be > 0 seconds, got {self.grading_timeout!r}.")
-        super().__post_init__()
+    # grader_workers / grading_timeout and their checks come from `align.grading.GradingArguments` (listed before
+    # GRPOConfig so that output_dir stays the first positional field).
 
 
 @dataclass
