@@ -99,26 +99,6 @@ def metrics_table(summaries: dict[str, dict], columns: list[str]) -> str:
 
 def plot_pass_curves(summaries: dict[str, dict], path: Path, title: str, family: str = "pass") -> Path:
     """One `family@k` curve per model against k (log-2 axis)."""
-    import matplotlib
+    from align.evaluation.plots import plot_family
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for name, summary in summaries.items():
-        ks = summary["ks"]
-        axis.plot(ks, [summary["metrics"][f"{family}@{k}"] for k in ks], marker="o", label=name)
-    ks = max((summary["ks"] for summary in summaries.values()), key=len)
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ks, [str(k) for k in ks])
-    axis.set_xlabel("k (samples per problem)")
-    axis.set_ylabel(f"{family}@k")
-    axis.set_ylim(0, 1)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return plot_family(summaries, path, title=title, family=family)

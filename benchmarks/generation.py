@@ -18,7 +18,8 @@ def main(num_prompts: int = 4, n: int = 4, max_new_tokens: int = 64, batch_size:
 
     from align.data.prompts import render_prompt
     from align.data.synthetic import generate_problems
-    from align.evaluation.backends import HFBackend, SamplingConfig
+    from align.evaluation.generation import SamplingConfig
+    from align.evaluation.hf_backend import HFBackend
     from align.models import DEFAULT_MODEL
 
     backend = HFBackend(DEFAULT_MODEL, dtype="float32", batch_size=batch_size)

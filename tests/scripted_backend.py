@@ -2,7 +2,7 @@
 
 import re
 
-from align.evaluation.backends import Completion, GenerationBackend
+from align.evaluation.generation import Completion, GenerationBackend
 
 
 class ScriptedBackend(GenerationBackend):

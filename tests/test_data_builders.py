@@ -7,7 +7,7 @@ import pytest
 from align.cli import main
 from align.configs import DataArguments
 from align.data.sampled import coverage_rows, outcome_label_rows, pair_rows
-from align.evaluation import harness
+from align.evaluation import runs
 from tests.scripted_backend import ScriptedBackend, arithmetic_script
 
 
@@ -74,7 +74,7 @@ def scripted(monkeypatch):
         backends.append(ScriptedBackend(arithmetic_script))
         return backends[-1]
 
-    monkeypatch.setattr(harness, "get_backend", factory)
+    monkeypatch.setattr(runs, "get_backend", factory)
     return backends
 
 

@@ -25,10 +25,10 @@ def test_demo_quick_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
 
     # A rerun reuses every stage: no training, no generation.
     import align.commands.train as train
-    import align.evaluation.harness as harness
+    import align.evaluation.runs as runs
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished training run was redone"))
-    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))
+    monkeypatch.setattr(runs, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))
     assert align_main(["demo", "--quick", "--model", tiny_model_dir, "--output-dir", str(out)]) == 0
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -11,18 +12,17 @@ import pytest
 import torch
 
 from align.data.loaders import load_problems
+from align.data.prompts import render_prompt
 from align.data.schema import Problem
-from align.evaluation import harness
-from align.evaluation.backends import (
-    HFBackend,
-    SamplingConfig,
-    encode_prompt,
-    get_backend,
-    resolve_backend_name,
-)
+from align.evaluation import runs, scoring
+from align.evaluation.backends import get_backend, resolve_backend_name
 from align.evaluation.config import EvalConfig
-from align.evaluation.harness import RunConfigMismatchError, run_eval, sample_and_grade
+from align.evaluation.generation import SamplingConfig, encode_prompt
+from align.evaluation.harness import run_eval
+from align.evaluation.hf_backend import HFBackend
 from align.evaluation.records import SamplesFileError
+from align.evaluation.runs import RunConfigMismatchError
+from align.evaluation.sample_and_grade import sample_and_grade
 from align.evaluation.sampling import SeededSampler, sequence_seed
 from align.grading import Grader
 from tests.scripted_backend import ScriptedBackend, arithmetic_script
@@ -118,7 +118,7 @@ def test_rerun_generates_nothing_and_reproduces_the_summary(tiny_run, tiny_model
     output_dir, summary = tiny_run
     before = (output_dir / "summary.json").read_bytes()
     created = []
-    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: created.append(a) or get_backend(*a, **k))
+    monkeypatch.setattr(runs, "get_backend", lambda *a, **k: created.append(a) or get_backend(*a, **k))
     assert run_eval(eval_config(output_dir, model=tiny_model_dir)) == summary
     assert created == []  # nothing left to sample: the model is not even loaded
     assert (output_dir / "summary.json").read_bytes() == before
@@ -152,15 +152,15 @@ class ConstantScorer:
 
 
 def scripted_eval(tmp_path, monkeypatch, scorer, **overrides):
-    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
-    monkeypatch.setattr(harness, "load_scorer", lambda *a, **k: scorer)
+    monkeypatch.setattr(runs, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
+    monkeypatch.setattr(scoring, "load_scorer", lambda *a, **k: scorer)
     config = eval_config(tmp_path, limit=6, prompt_style="plain", prm="any/prm", **overrides)
     return config, run_eval(config)
 
 
 def test_a_prm_adds_best_of_n_and_weighted_majority(tmp_path, monkeypatch):
     problems = load_problems("synthetic", "test", limit=6).problems
-    gold = {harness.render_prompt(p.problem, None, style="plain"): p.answer for p in problems}
+    gold = {render_prompt(p.problem, None, style="plain"): p.answer for p in problems}
     _, summary = scripted_eval(tmp_path, monkeypatch, OracleScorer(gold))
     metrics = summary["metrics"]
     assert metrics["pass@1"] == pytest.approx(0.5)
@@ -181,7 +181,7 @@ def test_a_constant_scorer_is_a_random_choice(tmp_path, monkeypatch):
 def test_prm_without_the_prm_module_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "align.prm", None)
     with pytest.raises(ImportError, match="--prm needs align.prm"):
-        harness.load_scorer("some/prm")
+        scoring.load_scorer("some/prm")
 
 
 def test_regrading_samples_produced_elsewhere(tmp_path, monkeypatch):
@@ -247,7 +247,7 @@ def test_seeded_sampler_draws_from_the_nucleus_distribution():
 
 
 def test_backend_choice(monkeypatch):
-    monkeypatch.setattr("align.evaluation.backends.vllm_available", lambda: False)
+    monkeypatch.setattr("align.evaluation.vllm_backend.vllm_available", lambda: False)
     assert resolve_backend_name("auto") == "hf"
     with pytest.raises(ValueError, match="backend must be one of"):
         resolve_backend_name("tgi")
@@ -289,7 +289,7 @@ def install_fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", vllm)
     monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
     monkeypatch.setitem(sys.modules, "vllm.lora.request", lora)
-    monkeypatch.setattr("align.evaluation.backends.vllm_available", lambda: True)
+    monkeypatch.setattr("align.evaluation.vllm_backend.vllm_available", lambda: True)
     return calls
 
 
@@ -329,6 +329,81 @@ def test_vllm_backend_serves_a_peft_adapter_as_lora(monkeypatch, tiny_model_dir,
         calls["llm"]["model"] == tiny_model_dir and calls["llm"]["enable_lora"] and calls["llm"]["max_lora_rank"] == 16
     )
     assert calls["lora_request"] == ("lora", "align-adapter", 1, str(adapter))
+
+
+def test_backend_kwargs_from_the_command_line_and_yaml_reach_vllm(monkeypatch, tiny_model_dir, tmp_path):
+    import trl  # noqa: F401 (before the fake vLLM: importing TRL probes for vllm)
+
+    from align.commands.eval import parse
+
+    calls = install_fake_vllm(monkeypatch)
+    common = ["--model", tiny_model_dir, "--dataset", "synthetic", "--limit", "2", "--n", "2", "--backend", "vllm"]
+    common += ["--grader_workers", "1", "--no_progress", "--no_plot"]
+    text = "tensor_parallel_size=2, gpu_memory_utilization=0.85,enforce_eager=true,max_model_len=4096"
+    config = parse([*common, "--output_dir", str(tmp_path / "cli"), "--backend_kwargs", text])
+    expected = {
+        "tensor_parallel_size": 2,
+        "gpu_memory_utilization": 0.85,
+        "enforce_eager": True,
+        "max_model_len": 4096,
+    }
+    assert config.backend_kwargs == expected
+    assert [type(value) for value in config.backend_kwargs.values()] == [int, float, bool, int]
+    run_eval(config)
+    assert {key: calls["llm"][key] for key in expected} == expected
+    recipe = tmp_path / "eval.yaml"
+    recipe.write_text("backend_kwargs:\n  tensor_parallel_size: 2\n  gpu_memory_utilization: 0.85\n")
+    from_yaml = parse(["--config", str(recipe), *common, "--output_dir", str(tmp_path / "yaml")])
+    assert from_yaml.backend_kwargs == {"tensor_parallel_size": 2, "gpu_memory_utilization": 0.85}
+    assert parse([*common, "--output_dir", "o", "--backend_kwargs", "{max_num_seqs: 8}"]).backend_kwargs == {
+        "max_num_seqs": 8
+    }
+    assert parse([*common, "--output_dir", "o"]).backend_kwargs == {}
+
+
+def test_unknown_or_mistyped_backend_kwargs_are_one_clear_error(monkeypatch, capsys, tmp_path):
+    from align.cli import main
+
+    argv = ["eval", "--dataset", "synthetic", "--limit", "1", "--output_dir", str(tmp_path), "--backend", "vllm"]
+    assert main([*argv, "--backend_kwargs", "tensor_paralel_size=2"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "backend 'vllm' has no option 'tensor_paralel_size'" in line
+    assert "accepts: tensor_parallel_size, pipeline_parallel_size, gpu_memory_utilization, max_model_len" in line
+    assert main([*argv, "--backend_kwargs", "max_model_len=long"]) == 2
+    assert "max_model_len must be int, got 'long'" in capsys.readouterr().err
+    assert main([*argv, "--backend_kwargs", "enforce_eager"]) == 2
+    assert "'enforce_eager' is not KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="has no option 'tensor_parallel_size'; it accepts: device"):
+        EvalConfig(backend="hf", backend_kwargs={"tensor_parallel_size": 2}, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="gpu_memory_utilization must be float, got True"):
+        EvalConfig(backend="vllm", backend_kwargs={"gpu_memory_utilization": True}, output_dir=str(tmp_path))
+    # `auto` accepts any backend's options until it has chosen one; then they must be the chosen backend's
+    auto = EvalConfig(backend_kwargs="tensor_parallel_size=2", output_dir=str(tmp_path))
+    assert auto.backend_kwargs == {"tensor_parallel_size": 2}
+    monkeypatch.setattr("align.evaluation.vllm_backend.vllm_available", lambda: False)
+    with pytest.raises(ValueError, match=r"no option 'tensor_parallel_size'.*\(--backend auto chose 'hf' here\)"):
+        get_backend("auto", "never-loaded", **auto.backend_kwargs)
+
+
+def test_a_registered_backend_is_a_backend_choice(monkeypatch, tmp_path):
+    from align.evaluation import backends
+
+    class EchoBackend(ScriptedBackend):
+        name = "echo"
+        options = {"shout": (bool, "upper-case every completion")}
+
+        def __init__(self, model, *, dtype, batch_size, shout=False):
+            super().__init__(lambda prompt: [f"{model} {dtype} {batch_size} {shout}"] * 4)
+
+    monkeypatch.setattr(backends, "BACKEND_REGISTRY", dict(backends.BACKEND_REGISTRY))  # restored after the test
+    backends.register_backend(EchoBackend)
+    assert backends.backend_names() == ("auto", "hf", "vllm", "echo") and resolve_backend_name("echo") == "echo"
+    config = EvalConfig(backend="echo", backend_kwargs="shout=yes", output_dir=str(tmp_path))
+    backend = get_backend(config.backend, "m", dtype="float32", batch_size=3, **config.backend_kwargs)
+    (row,) = backend.generate(["p"], SamplingConfig(n=1))
+    assert row[0].text == "m float32 3 True"
+    with pytest.raises(ValueError, match="backend 'echo' has no option 'device'; it accepts: shout"):
+        get_backend("echo", "m", device="cpu")
 
 
 @pytest.mark.distributed
@@ -402,12 +477,46 @@ def test_smollm2_eval_stops_at_end_of_turn_and_grades(smollm2_path, tmp_path):
 def test_smollm2_greedy_generation_does_not_depend_on_batching(smollm2_path):
     backend = HFBackend(smollm2_path, batch_size=4)
     problems = load_problems("synthetic", "test", limit=2, synthetic_levels=(1, 3)).problems
-    prompts = [harness.render_prompt(p.problem, backend.tokenizer) for p in problems]
+    prompts = [render_prompt(p.problem, backend.tokenizer) for p in problems]
     sampling = SamplingConfig(n=2, temperature=0.0, max_new_tokens=32)
     batched = backend.generate(prompts, sampling)
     backend.batch_size = 1
     single = backend.generate(prompts, sampling)
     assert [[c.text for c in row] for row in batched] == [[c.text for c in row] for row in single]
+
+
+def test_printed_metrics_follow_the_report_families():
+    from align.commands.eval import format_metrics
+    from align.evaluation.report import METRIC_FAMILIES
+
+    metrics = {f"{family}@{k}": 0.5 for family in METRIC_FAMILIES for k in (1, 2)}
+    lines = format_metrics({"metrics": metrics, "ks": [1, 2]}).splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == list(METRIC_FAMILIES)
+    unscored = {key: value for key, value in metrics.items() if key.startswith(("pass", "maj"))}
+    assert len(format_metrics({"metrics": unscored, "ks": [1, 2]}).splitlines()) == 2
+
+
+def test_prm_aggregates_are_the_losses_list(tmp_path):
+    from align.commands.diagnose.steps import build_parser
+    from align.losses.implicit_reward import AGGREGATES
+
+    (action,) = [a for a in build_parser()._actions if a.dest == "aggregate"]
+    assert tuple(action.choices) == AGGREGATES
+    with pytest.raises(ValueError, match=re.escape(f"prm_aggregate must be one of {AGGREGATES}")):
+        EvalConfig(output_dir=str(tmp_path), prm_aggregate="median")
+
+
+def test_pass_curves_of_several_runs_and_of_one_run(tmp_path):
+    from align.evaluation.plots import plot_family
+    from align.evaluation.report import plot_passk
+    from align.pipeline import plot_pass_curves
+
+    short = {"ks": [1, 2], "metrics": {"pass@1": 0.2, "pass@2": 0.3, "maj@1": 0.2, "maj@2": 0.2}}
+    long = {"ks": [1, 2, 4], "metrics": {"pass@1": 0.1, "pass@2": 0.2, "pass@4": 0.4}}
+    assert plot_family({"a": short, "b": long}, tmp_path / "runs.png", title="t").stat().st_size > 0
+    assert plot_pass_curves({"a": short}, tmp_path / "demo" / "pass.png", "t").stat().st_size > 0
+    one = {**short, "num_problems": 2, "n": 2, "model": "m", "dataset": "d"}
+    assert plot_passk(one, tmp_path / "passk.png").stat().st_size > 0
 
 
 def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, monkeypatch, capsys):
@@ -416,7 +525,7 @@ def test_bad_rows_stop_the_run_or_are_skipped_and_counted(tmp_path, monkeypatch,
     data = tmp_path / "problems.jsonl"
     rows = [{"id": "a", "problem": "What is $1 + 2$?", "answer": "3"}, {"id": "b", "problem": "What is $2 + 2$?"}]
     data.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
-    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
+    monkeypatch.setattr(runs, "get_backend", lambda *a, **k: ScriptedBackend(arithmetic_script))
     argv = ["eval", "--dataset", str(data), "--n", "2", "--prompt_style", "plain", "--backend", "hf", "--no_progress"]
     assert main([*argv, "--output_dir", str(tmp_path / "strict")]) == 2
     assert "row 1, field 'answer'" in capsys.readouterr().err

@@ -37,10 +37,10 @@ def test_repro_dco_sweep_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
 
     # A rerun reuses every training run and evaluation.
     import align.commands.train as train
-    import align.evaluation.harness as harness
+    import align.evaluation.runs as runs
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished training run was redone"))
-    monkeypatch.setattr(harness, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))
+    monkeypatch.setattr(runs, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))
     assert align_main(argv) == 0
     assert json.loads((out / "results.json").read_text()) == rows
 

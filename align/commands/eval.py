@@ -4,6 +4,7 @@
         --output-dir runs/x [--limit 50] [--backend auto|hf|vllm] [--seed 0]
     align eval --config eval/math500.yaml --model runs/dco --output-dir runs/dco-eval
     align eval --samples runs/x/samples.jsonl [--prm runs/prm]      # re-grade / re-score, no generation
+    align eval --config eval/math500.yaml --backend vllm --backend_kwargs tensor_parallel_size=2,max_model_len=4096
     accelerate launch --multi_gpu --num_processes 8 -m align.cli eval --config eval/math500.yaml ...
 
 Writes samples.jsonl, summary.json and passk.png into the output directory; rerunning resumes. See eval/README.md.
@@ -30,20 +31,24 @@ def parse(argv: list[str]):
 
 
 def format_metrics(summary: dict) -> str:
+    from align.evaluation.report import METRIC_FAMILIES
+
     metrics = summary["metrics"]
-    families = sorted({key.split("@")[0] for key in metrics}, key=["pass", "maj", "bon", "weighted_maj"].index)
     lines = []
-    for family in families:
-        values = "  ".join(f"@{k}={metrics[f'{family}@{k}']:.4f}" for k in summary["ks"])
-        lines.append(f"{family:>12}: {values}")
+    for family in METRIC_FAMILIES:
+        if all(f"{family}@{k}" in metrics for k in summary["ks"]):
+            values = "  ".join(f"@{k}={metrics[f'{family}@{k}']:.4f}" for k in summary["ks"])
+            lines.append(f"{family:>12}: {values}")
     return "\n".join(lines)
 
 
 def main(argv: list[str]) -> int:
     from align.data.loaders import DatasetUnavailableError
     from align.data.schema import InvalidRowError
-    from align.evaluation.harness import RunConfigMismatchError, run_eval
+    from align.evaluation.backends import BackendOptionsError
+    from align.evaluation.harness import run_eval
     from align.evaluation.records import SamplesFileError
+    from align.evaluation.runs import RunConfigMismatchError
 
     try:
         config = parse(argv)
@@ -55,6 +60,7 @@ def main(argv: list[str]) -> int:
         summary = run_eval(config)
     except (
         RunConfigMismatchError,
+        BackendOptionsError,
         InvalidRowError,
         DatasetUnavailableError,
         SamplesFileError,

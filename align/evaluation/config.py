@@ -10,16 +10,29 @@ from dataclasses import dataclass, field
 
 from align.data.loaders import ROW_FORMATS
 from align.data.prompts import DEFAULT_INSTRUCTION, PROMPT_STYLES
-from align.evaluation.backends import BACKENDS, SamplingConfig
+from align.evaluation.backends import (
+    BACKEND_REGISTRY,
+    backend_names,
+    check_backend_options,
+    parse_backend_kwargs,
+)
+from align.evaluation.generation import SamplingConfig
+from align.grading import GradingArguments
+from align.losses.implicit_reward import AGGREGATES
 from align.models import DEFAULT_MODEL
 
 
-PRM_AGGREGATES = ("min", "mean", "last", "sum")
+def _backend_options_help() -> str:
+    return "; ".join(f"{name}: {', '.join(backend.options) or 'none'}" for name, backend in BACKEND_REGISTRY.items())
 
 
 @dataclass
-class SamplingRunArguments:
-    """What to sample from (model, problems, prompt) and how (sampling, backend, grading)."""
+class SamplingRunArguments(GradingArguments):
+    """What to sample from (model, problems, prompt) and how (sampling, backend, grading).
+
+    The grading options (`grader_workers`, `grading_timeout`) come from `align.grading.GradingArguments`, shared
+    with the online trainers.
+    """
 
     model: str = field(
         default=DEFAULT_MODEL,
@@ -61,7 +74,16 @@ class SamplingRunArguments:
         metadata={"help": "Seed of sampling (per sequence: independent of batch size and sharding) and of maj@k."},
     )
     backend: str = field(
-        default="auto", metadata={"help": f"One of {BACKENDS}; auto = vllm if importable and a GPU is present."}
+        default="auto",
+        metadata={"help": f"One of {backend_names()}; auto = vllm if importable and a GPU is present."},
+    )
+    backend_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Engine options of the backend, `key=value,key=value` or a YAML mapping (e.g. "
+            f"`tensor_parallel_size=2,gpu_memory_utilization=0.85`). Accepted: {_backend_options_help()}. "
+            "Not part of the run's identity (run_config.json): a run may resume under other engine options."
+        },
     )
     batch_size: int = field(
         default=16, metadata={"help": "hf: sequences per generate call; vllm: prompts handed over per call."}
@@ -73,15 +95,12 @@ class SamplingRunArguments:
     prompt_instruction: str = field(
         default=DEFAULT_INSTRUCTION, metadata={"help": "Instruction appended to every problem (as in training)."}
     )
-    grader_workers: int | None = field(
-        default=None, metadata={"help": "Grading processes (default: the CPUs of this process / local processes)."}
-    )
-    grading_timeout: float = field(default=5.0, metadata={"help": "Seconds allowed to grade one answer."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend not in backend_names():
+            raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
+        self.backend_kwargs = check_backend_options(self.backend, parse_backend_kwargs(self.backend_kwargs))
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.row_format not in ROW_FORMATS:
@@ -90,8 +109,7 @@ class SamplingRunArguments:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.grading_timeout <= 0:
-            raise ValueError(f"grading_timeout must be > 0, got {self.grading_timeout}")
+        super().__post_init__()
 
     def sampling(self, n: int) -> SamplingConfig:
         return SamplingConfig(
@@ -146,7 +164,7 @@ class EvalConfig(SamplingRunArguments):
     )
     prm_ref: str | None = field(default=None, metadata={"help": "Reference model of the PRM (default: its own)."})
     prm_aggregate: str = field(
-        default="min", metadata={"help": f"Step rewards -> sample score: one of {PRM_AGGREGATES}."}
+        default="min", metadata={"help": f"Step rewards -> sample score: one of {AGGREGATES}."}
     )
     prm_beta: float | None = field(default=None, metadata={"help": "PRM beta (default: the PRM's own)."})
     prm_batch_size: int = field(default=8, metadata={"help": "Samples scored per PRM call."})
@@ -160,7 +178,7 @@ class EvalConfig(SamplingRunArguments):
             raise ValueError(
                 "output_dir is required (where samples.jsonl and summary.json go), e.g. --output-dir runs/x"
             )
-        if self.prm_aggregate not in PRM_AGGREGATES:
-            raise ValueError(f"prm_aggregate must be one of {PRM_AGGREGATES}, got {self.prm_aggregate!r}")
+        if self.prm_aggregate not in AGGREGATES:
+            raise ValueError(f"prm_aggregate must be one of {AGGREGATES}, got {self.prm_aggregate!r}")
         if self.maj_num_subsets < 1:
             raise ValueError(f"maj_num_subsets must be >= 1, got {self.maj_num_subsets}")

@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from align.evaluation.estimators import bon_at_k, ks_up_to, maj_at_k, pass_at_k, weighted_maj_at_k
+from align.evaluation.plots import plot_curves
 from align.evaluation.records import PLOT_FILE, SUMMARY_FILE, write_json_atomic
 
 
@@ -116,31 +117,17 @@ def summarize(
     }
 
 
-def plot_passk(summary: dict, path: Path) -> None:
+def plot_passk(summary: dict, path: Path) -> Path:
     """pass@k, maj@k (and bon@k, weighted maj@k when present) against k on a log-2 axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ks = summary["ks"]
-    figure, axis = plt.subplots(figsize=(6, 4))
+    curves = {}
     for family in METRIC_FAMILIES:
         values = [summary["metrics"].get(f"{family}@{k}") for k in ks]
         if all(value is not None for value in values):
-            axis.plot(ks, values, marker="o", label=f"{family}@k")
-    axis.set_xscale("log", base=2)
-    axis.set_xticks(ks, [str(k) for k in ks])
-    axis.set_xlabel("k (samples)")
-    axis.set_ylabel("accuracy")
-    axis.set_ylim(0, 1)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
+            curves[f"{family}@k"] = (ks, values)
     model, dataset = summary.get("model", "?"), summary.get("dataset", "?")
-    axis.set_title(f"{model} on {dataset} ({summary['num_problems']} problems, n={summary['n']})", fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    title = f"{model} on {dataset} ({summary['num_problems']} problems, n={summary['n']})"
+    return plot_curves(curves, path, title=title, ylabel="accuracy")
 
 
 def write_report(summary: dict, output_dir: Path, plot: bool = True) -> None:

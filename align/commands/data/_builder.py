@@ -1,6 +1,6 @@
 """What `align data coverage|pairs|outcome` share: options, sampling through the harness, writing the outputs.
 
-Every builder samples k completions per problem with `align.evaluation.harness.collect_samples` into
+Every builder samples k completions per problem with `align.evaluation.runs.collect_samples` into
 `OUT/samples.jsonl` (the harness format, so a killed run resumes where it stopped), turns the graded records into
 training rows (`align.data.sampled`), and writes `OUT/<rows file>` and `OUT/summary.json` (counts).
 """
@@ -51,8 +51,8 @@ def run_builder(name: str, argv: list[str], options_class, make_rows: RowMaker, 
     from align.data.loaders import DatasetUnavailableError, load_problems
     from align.data.schema import InvalidRowError
     from align.evaluation.backends import resolve_backend_name
-    from align.evaluation.harness import RunConfigMismatchError, collect_samples
     from align.evaluation.records import SUMMARY_FILE, write_json_atomic, write_records_atomic
+    from align.evaluation.runs import RunConfigMismatchError, collect_samples
 
     parser = TrlParser((DataBuildArguments, options_class), prog=f"align data {name}", description=description)
     try:

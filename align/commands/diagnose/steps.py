@@ -17,6 +17,8 @@ HELP = "Print a solution's implicit PRM step rewards: --prm PATH --samples RUN/s
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from align.losses.implicit_reward import AGGREGATES  # here, not at import: `align diagnose --help` needs no torch
+
     parser = argparse.ArgumentParser(prog="align diagnose steps", description=__doc__.split("\n\n")[0])
     parser.add_argument("--prm", required=True, help="PRM directory (from align train prm).")
     parser.add_argument("--samples", required=True, help="samples.jsonl written by `align eval` or `align data`.")
@@ -24,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sample", type=int, action="append", help="Sample index (repeatable; default: all).")
     parser.add_argument("--prm-ref", default=None, help="Reference model of a full-model PRM.")
     parser.add_argument("--prm-beta", type=float, default=None, help="β (default: the PRM's own).")
-    parser.add_argument("--aggregate", default="min", choices=["min", "mean", "last", "sum"])
+    parser.add_argument("--aggregate", default="min", choices=AGGREGATES, help="Step rewards -> sample score.")
     parser.add_argument("--tokens", action="store_true", help="Also print each step's tokens and their rewards.")
     parser.add_argument("--json", action="store_true", help="Print one JSON object per sample instead of a table.")
     parser.add_argument("--width", type=int, default=100, help="Characters of step text shown per step.")
