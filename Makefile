@@ -9,7 +9,7 @@ DEMO_ARGS ?=
 
 .PHONY: install demo test lint format bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install "torch>=2.4,<2.14"
 	$(BIN)/pip install -e ".[dev,deepspeed]"

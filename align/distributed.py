@@ -17,6 +17,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from align.resources import shipped_dir
+
 
 logger = logging.getLogger("align.distributed")
 
@@ -38,9 +40,9 @@ class DistributedSetupError(RuntimeError):
 
 
 def accelerate_configs_dir() -> Path:
-    """`accelerate_configs/` of the current directory if present, else the one next to the installed package."""
+    """`accelerate_configs/` of the current directory if present (a project's own), else the ones align ships."""
     local = Path.cwd() / "accelerate_configs"
-    return local if local.is_dir() else Path(__file__).resolve().parents[1] / "accelerate_configs"
+    return local if local.is_dir() else shipped_dir("accelerate_configs")
 
 
 def resolve_accelerate_config(name_or_path: str) -> Path:

@@ -38,15 +38,14 @@ def is_trained(output_dir: Path) -> bool:
 
 def train_recipe(method: str, recipe: str | Path, output_dir: str | Path, overrides: dict | None = None) -> Path:
     """Train `method` from `recipe` with field overrides into `output_dir`; reuse it if already finished."""
-    from align.commands.train import METHODS, build_parser, run
+    from align import training
 
     output_dir = Path(output_dir)
     if is_trained(output_dir):
         print(f"reusing the finished run in {output_dir}", flush=True)
         return output_dir
     argv = ["--config", str(recipe), "--output_dir", str(output_dir), *_flag_args(overrides or {})]
-    data_args, training_args, model_args = build_parser(METHODS[method]).parse_args_and_config(argv)
-    trainer = run(method, data_args, training_args, model_args)
+    trainer = training.run(method, *training.parse_args(method, argv))
     del trainer
     gc.collect()
     return output_dir

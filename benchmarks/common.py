@@ -105,10 +105,11 @@ CPU_TRAINER_ARGS = dict(
 
 
 def lora_config(enabled: bool = True):
-    """The LoRA adapter of the SmolLM2 settings (r=16 on every linear layer), or None for full fine-tuning."""
-    from peft import LoraConfig
+    """align's LoRA adapter (r=16, alpha=32 on every linear layer) without dropout, so timed steps are deterministic,
+    or None for full fine-tuning."""
+    from align.models import build_lora_config
 
-    return LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM") if enabled else None
+    return build_lora_config(lora_dropout=0.0) if enabled else None
 
 
 def optimizer_step_fn(trainer, batches: list) -> Callable[[], None]:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from align.cli import main
 
 
@@ -83,8 +85,8 @@ def test_trainer_format_files_are_used_as_is(tmp_path):
     """Rows already in a trainer's format (e.g. from `align data pairs`, or implicit-prompt pairs) are not rebuilt."""
     import json
 
-    from align.commands.train import build_datasets
     from align.configs import DataArguments
+    from align.data.training import build_datasets
 
     pairs = tmp_path / "pairs.jsonl"
     rows = [
@@ -101,11 +103,49 @@ def test_trainer_format_files_are_used_as_is(tmp_path):
 def test_problem_files_are_converted_to_the_method_format(tmp_path):
     import json
 
-    from align.commands.train import build_datasets
     from align.configs import DataArguments
+    from align.data.training import build_datasets
 
     problems = tmp_path / "problems.jsonl"
     problems.write_text(json.dumps({"problem": "What is $2+2$?", "answer": "4", "solution": "$\\boxed{4}$"}) + "\n")
     train, _ = build_datasets("outcome", DataArguments(dataset_name=str(problems), negatives_per_problem=2), 0)
     assert [row["label"] for row in train] == [True, False, False]
     assert train[0]["prompt"][0]["content"].startswith("What is $2+2$?")
+
+
+def test_every_method_names_importable_classes_a_dataset_kind_and_its_default_recipe():
+    """The registry's rows hold: classes resolve, kinds are align.data.training's, and each default recipe is a
+    shipped recipe whose launch line is for that method."""
+    import importlib
+    from types import SimpleNamespace
+
+    from align.data.training import DATASET_KINDS
+    from align.training import METHODS, dataset_kind_for, default_recipe, method_classes
+
+    for name, method in METHODS.items():
+        module = importlib.import_module(method.module, "align.trainers")
+        trainer_cls, config_cls = method_classes(method)
+        assert issubclass(trainer_cls, getattr(module, method.trainer))
+        assert issubclass(config_cls, getattr(module, method.config))
+        kinds = {dataset_kind_for(method, SimpleNamespace(objective=objective)) for objective in ("ce", "dpo", "nca")}
+        assert kinds <= set(DATASET_KINDS)
+        recipe = default_recipe(name)
+        assert f"train {name} --config recipes/smollm2-135m-instruct/{recipe.name}" in recipe.read_text()
+    assert dataset_kind_for(METHODS["prm"], SimpleNamespace(objective="ce")) == "outcome"
+    assert dataset_kind_for(METHODS["prm"], SimpleNamespace(objective="dpo")) == "preference"
+
+
+def test_a_launch_dry_run_prints_the_command_and_the_configs_and_launches_nothing(monkeypatch, capsys):
+    """`--accelerate-config ... --dry_run` resolves the config, shows the command, parses what every process would,
+    and starts no process (it used to drop --dry_run and launch a real run)."""
+    import subprocess
+
+    from align.training import default_recipe
+
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("a dry run launched a process"))
+    argv = ["train", "sft", "--config", str(default_recipe("sft")), "--accelerate-config", "cpu_ddp"]
+    assert main([*argv, "--num-processes", "2", "--dry_run"]) == 0
+    captured = capsys.readouterr()
+    assert "accelerate.commands.launch --config_file" in captured.err and "cpu_ddp.yaml" in captured.err
+    assert "--num_processes 2 -m align.cli train sft" in captured.err and "--use_cpu true" in captured.err
+    assert "method: sft" in captured.out and "use_cpu=True" in captured.out

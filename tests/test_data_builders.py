@@ -86,7 +86,7 @@ def build(name: str, output, *extra) -> int:
 
 
 def load_training_rows(kind: str, path):
-    from align.commands.train import build_datasets
+    from align.data.training import build_datasets
 
     train, _ = build_datasets(kind, DataArguments(dataset_name=str(path), prompt_style="plain"), seed=0)
     return train
@@ -123,3 +123,35 @@ def test_builder_arguments_are_checked(tmp_path, capsys):
     assert "k must be >= 1" in capsys.readouterr().err
     assert main(["data", "pairs", "--k", "2"]) == 2
     assert "--output DIR" in capsys.readouterr().err
+
+
+def test_plain_completions_continue_the_prompt_the_way_trl_joins_them(tiny_model_dir):
+    """TRL tokenizes a plain row as the string `prompt + completion`, so the separator belongs to the completion: a
+    reference solution follows "Solution:" after one space, as a model's own continuation does, and a sampled
+    completion is used exactly as generated (another space would train on a double space). Chat completions are
+    assistant turns, untouched."""
+    from transformers import AutoTokenizer
+
+    from align.data.prompts import render_prompt
+    from align.data.synthetic import generate_problems
+    from align.data.training import preference_rows, sft_rows
+
+    problem = generate_problems(1, "train", [1], 0)[0]
+    (row,) = sft_rows([problem], style="plain")
+    assert row["prompt"] + row["completion"] == render_prompt(problem.problem, style="plain") + " " + problem.solution
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompt_ids = tokenizer(row["prompt"])["input_ids"]
+    assert tokenizer(row["prompt"] + row["completion"])["input_ids"][: len(prompt_ids)] == prompt_ids
+    (pair,) = preference_rows([problem], style="plain")
+    assert pair["chosen"] == " " + problem.solution and pair["rejected"].startswith(" ")
+    (chat,) = sft_rows([problem])
+    assert chat["completion"] == [{"role": "assistant", "content": problem.solution}]
+
+    generated = " The sum is $\\boxed{1}$."
+    sampled = [{**record("p", ["correct", "incorrect"]), "problem": problem.problem}, record("q", ["incorrect"])]
+    sampled[0]["samples"][0]["completion"] = generated
+    rows, _ = coverage_rows(sampled, style="plain", references={"q": "Reference: $\\boxed{1}$"})
+    assert rows[0]["prompt"] + rows[0]["completion"] == render_prompt(problem.problem, style="plain") + generated
+    assert rows[1]["completion"] == " Reference: $\\boxed{1}$"  # a reference row joins like sft_rows
+    (pair,) = pair_rows(sampled, style="plain")[0]
+    assert pair["chosen"] == generated and pair["rejected"] == "p-1-incorrect"

@@ -24,12 +24,21 @@ def test_demo_quick_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     assert sft_state["global_step"] == dco_state["global_step"] == 2
 
     # A rerun reuses every stage: no training, no generation.
-    import align.commands.train as train
     import align.evaluation.runs as runs
+    import align.training as train
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished training run was redone"))
     monkeypatch.setattr(runs, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))
     assert align_main(["demo", "--quick", "--model", tiny_model_dir, "--output-dir", str(out)]) == 0
+
+
+def test_demo_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert align_main(["demo", "--quick", "--output-dir", str(out), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    for method in ("sft", "dco"):
+        assert f"align train {method} --config " in plan and f"smollm2-135m-instruct/{method}.yaml" in plan
+    assert str(out) in plan and not out.exists()
 
 
 def test_greedy_confidence_equals_teacher_forced_probability(tiny_model_dir):

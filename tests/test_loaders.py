@@ -8,9 +8,12 @@ from align.data.answers import boxed_answers, final_answer, last_boxed, split_gs
 from align.data.loaders import (
     HUB_SOURCES,
     DatasetUnavailableError,
+    is_problem_source,
     load_problems,
+    load_problems_as_configured,
     parse_column_mapping,
     problems_from_rows,
+    read_source,
 )
 from align.data.schema import InvalidRowError
 
@@ -185,3 +188,43 @@ def test_synthetic_still_loads_through_the_same_entry_point():
     assert [p.level for p in loaded.problems] == [1, 2, 1, 2]
     with pytest.raises(ValueError, match="pass a limit"):
         load_problems("synthetic")
+
+
+def test_read_source_is_the_one_dispatch_over_files_named_sources_and_hub_ids(tmp_path, monkeypatch):
+    from align.data import loaders
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n")
+    read = read_source(str(path), "train")
+    assert read.rows == [{"prompt": "p", "chosen": "a", "rejected": "b"}] and read.id_prefix == "pairs"
+    assert read.row_format is None and read.column_mapping == {}
+
+    monkeypatch.setattr(loaders, "_hub_rows", lambda hub_id, configs, split: [{"from": hub_id, "configs": configs}])
+    named = read_source("gsm8k", "test")
+    assert named.source == "openai/gsm8k[test]" and named.rows == [{"from": "openai/gsm8k", "configs": ("main",)}]
+    assert named.row_format == HUB_SOURCES["gsm8k"].row_format and named.id_prefix == "gsm8k-test"
+    assert read_source("math", "train", dataset_config="algebra").rows[0]["configs"] == ("algebra",)
+    other = read_source("someone/pairs", "train", dataset_config="v2")
+    assert other.rows == [{"from": "someone/pairs", "configs": ("v2",)}] and other.id_prefix == "pairs-train"
+    with pytest.raises(ValueError, match="Unknown dataset 'synthetic'"):
+        read_source("synthetic")  # generated, not read: load_problems handles it
+    assert is_problem_source("synthetic") and is_problem_source("math500")
+    assert not is_problem_source(str(path)) and not is_problem_source("someone/pairs")
+
+
+def test_load_problems_as_configured_reads_the_options_and_warns_about_skipped_rows(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in [MATH500_ROW, {"answer": "1"}, MATH500_ROW]))
+    options = SimpleNamespace(dataset=str(path), split="test", limit=None, skip_invalid=True)
+    with caplog.at_level("WARNING", logger="align.data"):
+        loaded = load_problems_as_configured(options)
+    assert len(loaded) == 2 and loaded.skipped == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipped 1 invalid rows of {path} (first: {loaded.skipped_reasons[0]})"
+    ]
+    # training names its dataset `dataset_name` and loads one split per call: name, split and limit override
+    training = SimpleNamespace(dataset_name="synthetic", synthetic_levels=[2], synthetic_seed=0)
+    loaded = load_problems_as_configured(training, name="synthetic", split="train", limit=3)
+    assert [p.level for p in loaded.problems] == [2, 2, 2]

@@ -355,7 +355,7 @@ def test_parameter_regex_that_matches_nothing_is_an_error(tiny_model_dir, offlin
 
 
 def test_recipes_parse(tmp_path):
-    from align.commands import train
+    from align import training as train
 
     root = os.path.join(os.path.dirname(__file__), "..", "recipes")
     for recipe, extra in [

@@ -36,8 +36,8 @@ def test_repro_dco_sweep_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     assert json.loads((out / "repro_config.json").read_text())["epochs"] == [1, 2]
 
     # A rerun reuses every training run and evaluation.
-    import align.commands.train as train
     import align.evaluation.runs as runs
+    import align.training as train
 
     monkeypatch.setattr(train, "run", lambda *a, **k: pytest.fail("a finished training run was redone"))
     monkeypatch.setattr(runs, "get_backend", lambda *a, **k: pytest.fail("finished evaluations were regenerated"))

@@ -6,12 +6,13 @@ steps and seed, starting from the embedded SmolLM2-135M-Instruct, on the offline
 
 1. freeze a held-out test set of synthetic problems;
 2. evaluate the base model: pass@k for k = 1..16 and maj@16;
-3. fine-tune two LoRA adapters from recipes/smollm2-135m-instruct/{sft,dco}.yaml;
+3. fine-tune two LoRA adapters from recipes/smollm2-135m-instruct/{sft,dco}.yaml (shipped with align);
 4. evaluate both the same way;
 5. write DIR/report.md (table) and DIR/passk.png (the three pass@k curves).
 
 Every stage is resumable: rerunning reuses finished stages and resumes interrupted ones. `--quick` runs the same
-stages at toy sizes (CI uses it) and checks that the numbers are sane.
+stages at toy sizes (CI uses it) and checks that the numbers are sane; `--dry-run` prints what would run (sizes,
+recipes, output directory) and stops before loading a model.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 
 HELP = "End-to-end demo on CPU: base vs cross-entropy vs DCO fine-tuning, pass@k curves and a report."
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "smollm2-135m-instruct"
 DIRECT_ANSWER_INSTRUCTION = "Give only the final answer, as \\boxed{ANSWER}."
 
 
@@ -131,9 +131,26 @@ def write_report(
     return path
 
 
+def demo_runs(size: DemoSize) -> dict[str, tuple[str, dict]]:
+    """The fine-tuned models: report name -> (method, recipe fields beyond the shared `train_overrides`)."""
+    return {"cross-entropy": ("sft", {}), f"DCO (N'={size.pass_n})": ("dco", {"pass_n": size.pass_n})}
+
+
+def describe_plan(output_dir: Path, size: DemoSize, model: str) -> str:
+    """What `run_demo` would do with these arguments (the `--dry-run` output); fails if a recipe is missing."""
+    from align.training import default_recipe
+
+    lines = [f"align demo: {model}, sizes {json.dumps(asdict(size))}", f"output: {output_dir}"]
+    for name, (method, extra) in demo_runs(size).items():
+        lines.append(f"{name}: align train {method} --config {default_recipe(method)} + {json.dumps(extra)}")
+    lines.append(f"shared recipe overrides: {json.dumps(train_overrides(size, model))}")
+    return "\n".join(lines)
+
+
 def run_demo(output_dir: Path, size: DemoSize, model: str) -> dict:
     from align.data.synthetic import generate_problems
     from align.pipeline import check_sane, evaluate, plot_pass_curves, stage, train_recipe, write_problems
+    from align.training import default_recipe
 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "demo_config.json").write_text(json.dumps({"model": model, **asdict(size)}, indent=2))
@@ -155,14 +172,14 @@ def run_demo(output_dir: Path, size: DemoSize, model: str) -> dict:
     with stage("2/5 evaluate the base model"):
         summaries["base"] = evaluate(model, test_file, output_dir / "eval" / "base", **eval_options(size))
         timed("base eval")
-    runs = {"cross-entropy": ("sft", {}), f"DCO (N'={size.pass_n})": ("dco", {"pass_n": size.pass_n})}
+    runs = demo_runs(size)
     trained = {}
     with stage("3/5 fine-tune: cross-entropy and DCO (identical data, steps, seed)"):
         for name, (method, extra) in runs.items():
             print(f"--- {name}", flush=True)
             trained[name] = train_recipe(
                 method,
-                RECIPES / f"{method}.yaml",
+                default_recipe(method),
                 output_dir / "train" / method,
                 {**train_overrides(size, model), **extra},
             )
@@ -192,11 +209,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output-dir", "--output_dir", default="runs/demo", help="Where everything goes.")
     parser.add_argument("--quick", action="store_true", help="Toy sizes (about 3 minutes): checks the pipeline.")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="Base model (alias, path or Hub id).")
+    parser.add_argument(
+        "--dry-run", "--dry_run", action="store_true", help="Print the plan (sizes, recipes, output) and stop."
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     size = QUICK if args.quick else FULL
     output_dir = Path(args.output_dir)
     if args.quick and args.output_dir == "runs/demo":
         output_dir = Path("runs/demo-quick")
+    if args.dry_run:
+        print(describe_plan(output_dir, size, args.model))
+        return 0
     run_demo(output_dir, size, args.model)
     return 0

@@ -18,7 +18,7 @@ import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from align.commands.demo import DIRECT_ANSWER_INSTRUCTION, RECIPES
+from align.commands.demo import DIRECT_ANSWER_INSTRUCTION
 
 
 HELP = "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs)."
@@ -142,6 +142,7 @@ def _report(rows: list[dict], size: ReproSize, model: str) -> str:
 def run_dco_repro(output_dir: Path, size: ReproSize, model: str) -> list[dict]:
     from align.data.synthetic import generate_problems
     from align.pipeline import check_sane, evaluate, stage, train_recipe, write_problems
+    from align.training import default_recipe
 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "repro_config.json").write_text(json.dumps({"model": model, **asdict(size)}, indent=2))
@@ -189,10 +190,7 @@ def run_dco_repro(output_dir: Path, size: ReproSize, model: str) -> list[dict]:
     for method, (recipe, extra) in runs.items():
         with stage(f"train {method} for {max(size.epochs)} epochs"):
             run_dir = train_recipe(
-                recipe,
-                RECIPES / f"{recipe}.yaml",
-                output_dir / "train" / _slug(method),
-                {**common, **extra},
+                recipe, default_recipe(recipe), output_dir / "train" / _slug(method), {**common, **extra}
             )
         checkpoints = _checkpoints_by_epoch(run_dir)
         for epoch in size.epochs:

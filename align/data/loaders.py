@@ -21,6 +21,7 @@ Without Hub access the Hub sources fail with `DatasetUnavailableError`, which sa
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from align.data import synthetic
 from align.data.answers import last_boxed, split_gsm8k_answer
 from align.data.schema import InvalidRowError, Problem
 
+
+logger = logging.getLogger("align.data")
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 ROW_FORMATS = ("auto", "plain", "math", "gsm8k")
@@ -282,6 +285,45 @@ def read_hub_rows(candidates, split: str) -> tuple[str, list[dict]]:
     )
 
 
+@dataclass(frozen=True)
+class SourceRows:
+    """The rows of a file or Hub dataset, and what reading problems from them needs to know about the source."""
+
+    source: str  # the name messages and `LoadedProblems.source` give it
+    rows: list[dict]
+    id_prefix: str  # rows without an id become problems `{id_prefix}-{row index}`
+    row_format: str | None = None  # fixed by a named source (math500, math, gsm8k); None: the caller's choice
+    column_mapping: dict[str, str] = field(default_factory=dict)  # a named source's columns
+
+
+def is_problem_source(name: str) -> bool:
+    """`synthetic` and the named Hub sources hold problems by definition; files and other Hub datasets may instead
+    hold rows already in a trainer's format (e.g. written by `align data pairs`)."""
+    return name == "synthetic" or name in HUB_SOURCES
+
+
+def read_source(name: str, split: str = "test", dataset_config: str | None = None) -> SourceRows:
+    """The rows of `split` of a local file, a named Hub source or a Hub dataset id (any source but `synthetic`)."""
+    if is_local_file(name):
+        return SourceRows(name, read_local_rows(name), Path(name).stem)
+    if name.endswith(LOCAL_SUFFIXES):
+        raise FileNotFoundError(f"Dataset file {name!r} does not exist (check the path).")
+    if name in HUB_SOURCES:
+        hub = HUB_SOURCES[name]
+        candidates = hub.candidates
+        if dataset_config is not None:
+            candidates = tuple((hub_id, (dataset_config,)) for hub_id, _ in candidates)
+        source, rows = read_hub_rows(candidates, split)
+        return SourceRows(source, rows, f"{name}-{split}", hub.row_format, hub.column_mapping)
+    if "/" in name:
+        source, rows = read_hub_rows(((name, (dataset_config,)),), split)
+        return SourceRows(source, rows, f"{name.rsplit('/', 1)[-1]}-{split}")
+    raise ValueError(
+        f"Unknown dataset {name!r}: use 'synthetic', {', '.join(repr(n) for n in HUB_SOURCES)}, a Hub dataset id "
+        "(owner/name) or a local .jsonl/.json/.parquet file path."
+    )
+
+
 def load_problems(
     name: str,
     split: str = "test",
@@ -305,26 +347,15 @@ def load_problems(
             raise ValueError("The synthetic task is unbounded: pass a limit (number of problems).")
         problems = synthetic.generate_problems(limit, split, synthetic_levels, synthetic_seed)
         return LoadedProblems(problems=problems, source=f"synthetic[{split}]")
-    if is_local_file(name):
-        rows = read_local_rows(name)
-        return problems_from_rows(rows, name, skip_invalid, column_mapping, limit, row_format, Path(name).stem)
-    if name.endswith(LOCAL_SUFFIXES):
-        raise FileNotFoundError(f"Dataset file {name!r} does not exist (check the path).")
-    if name in HUB_SOURCES:
-        hub = HUB_SOURCES[name]
-        candidates = hub.candidates
-        if dataset_config is not None:
-            candidates = tuple((hub_id, (dataset_config,)) for hub_id, _ in candidates)
-        source, rows = read_hub_rows(candidates, split)
-        mapping = {**hub.column_mapping, **column_mapping}
-        return problems_from_rows(rows, source, skip_invalid, mapping, limit, hub.row_format, f"{name}-{split}")
-    if "/" in name:
-        source, rows = read_hub_rows(((name, (dataset_config,)),), split)
-        prefix = f"{name.rsplit('/', 1)[-1]}-{split}"
-        return problems_from_rows(rows, source, skip_invalid, column_mapping, limit, row_format, prefix)
-    raise ValueError(
-        f"Unknown dataset {name!r}: use 'synthetic', {', '.join(repr(n) for n in HUB_SOURCES)}, a Hub dataset id "
-        "(owner/name) or a local .jsonl/.json/.parquet file path."
+    read = read_source(name, split, dataset_config)
+    return problems_from_rows(
+        read.rows,
+        read.source,
+        skip_invalid,
+        {**read.column_mapping, **column_mapping},
+        limit,
+        read.row_format or row_format,
+        read.id_prefix,
     )
 
 
@@ -337,8 +368,6 @@ def load_problems_as_configured(
     `DataArguments`); fields it lacks take load_problems' defaults. `name`, `split` and `limit` override the
     config's `dataset`/`split`/`limit` (training names its dataset `dataset_name` and has one split per call).
     """
-    import logging
-
     loaded = load_problems(
         name if name is not None else options.dataset,
         split if split is not None else options.split,
@@ -351,7 +380,7 @@ def load_problems_as_configured(
         row_format=getattr(options, "row_format", "auto"),
     )
     if loaded.skipped:
-        logging.getLogger("align.data").warning(
+        logger.warning(
             "skipped %d invalid rows of %s (first: %s)", loaded.skipped, loaded.source, loaded.skipped_reasons[0]
         )
     return loaded

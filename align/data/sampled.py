@@ -12,25 +12,16 @@ recognizes, so `align train <method>` with `dataset_name: OUT/<file>.jsonl` trai
 `p_hat` = c/k, the fraction of the k samples of that problem that are correct: DCO's estimate of the model's
 probability of solving it. Samples whose grading timed out are left out of pairs and outcome labels (their label is
 unknown). With the `chat` prompt style, prompts and completions are conversational (lists of messages); with
-`plain`, strings.
+`plain`, strings: a sampled completion exactly as it was generated after the prompt, a reference solution joined to
+the prompt by one space (`completion_column` in align.data.training says why).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
-from align.data.prompts import DEFAULT_INSTRUCTION, plain_prompt, prompt_messages
-
-
-def _prompt(record: dict, instruction: str | None, style: str):
-    if style == "chat":
-        return prompt_messages(record["problem"], instruction)
-    return plain_prompt(record["problem"], instruction)
-
-
-def _completion(text: str, style: str):
-    # Plain-style samples are stored exactly as generated after the prompt, so no separator is added.
-    return [{"role": "assistant", "content": text}] if style == "chat" else text
+from align.data.prompts import DEFAULT_INSTRUCTION
+from align.data.training import completion_column, prompt_column, reference_completion
 
 
 def _split(record: dict) -> tuple[list[str], list[str], int]:
@@ -62,16 +53,16 @@ def coverage_rows(
                 continue
             if references is None:
                 continue
-            correct, p_hat = [reference], 0.0
+            completions, p_hat = [reference_completion(reference, style)], 0.0
             counts["reference_rows"] += 1
         else:
-            p_hat = len(correct) / k
-        for trace in correct:
+            completions, p_hat = [completion_column(trace, style) for trace in correct], len(correct) / k
+        for completion in completions:
             rows.append(
                 {
                     "id": record["id"],
-                    "prompt": _prompt(record, instruction, style),
-                    "completion": _completion(trace, style),
+                    "prompt": prompt_column(record["problem"], instruction, style),
+                    "completion": completion,
                     "p_hat": p_hat,
                     "answer": record["answer"],
                 }
@@ -99,9 +90,9 @@ def pair_rows(
             rows.append(
                 {
                     "id": record["id"],
-                    "prompt": _prompt(record, instruction, style),
-                    "chosen": _completion(chosen, style),
-                    "rejected": _completion(rejected, style),
+                    "prompt": prompt_column(record["problem"], instruction, style),
+                    "chosen": completion_column(chosen, style),
+                    "rejected": completion_column(rejected, style),
                 }
             )
     counts["rows"] = len(rows)
@@ -124,8 +115,8 @@ def outcome_label_rows(
             rows.append(
                 {
                     "id": record["id"],
-                    "prompt": _prompt(record, instruction, style),
-                    "completion": _completion(sample["completion"], style),
+                    "prompt": prompt_column(record["problem"], instruction, style),
+                    "completion": completion_column(sample["completion"], style),
                     "label": label,
                 }
             )

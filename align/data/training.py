@@ -11,6 +11,8 @@ Rows built from problems use the conversational format (`[{"role": ..., "content
 prompt style and plain strings with the `plain` style. Offline preference and outcome rows pair the reference
 solution with wrong solutions made by `synthetic.corrupt_solution` (one arithmetic slip, propagated); data
 sampled from a model and graded comes from `align data pairs|outcome` instead and is used as is.
+`build_datasets` makes the train/eval datasets of `align train` from its `DataArguments`: a file (or Hub dataset)
+whose rows are already in the trainer's format is used as it is, any other source is loaded as problems.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterable
 
+from align.data.loaders import is_problem_source, load_problems_as_configured, read_source
 from align.data.prompts import DEFAULT_INSTRUCTION, plain_prompt, prompt_messages
 from align.data.schema import Problem
 from align.data.synthetic import corrupt_solution
@@ -35,16 +38,30 @@ _TRAINER_FORMAT_COLUMNS = {
 }
 
 
-def _prompt(problem: Problem, instruction: str | None, style: str):
-    return (
-        prompt_messages(problem.problem, instruction)
-        if style == "chat"
-        else plain_prompt(problem.problem, instruction)
-    )
+# `plain_prompt` ends in "Solution:". A reference solution is written on its own, so it continues the prompt after one
+# space, as a model's generation does; a sampled completion is used as generated (see `completion_column`).
+PLAIN_REFERENCE_SEPARATOR = " "
 
 
-def _completion(text: str, style: str):
-    return [{"role": "assistant", "content": text}] if style == "chat" else " " + text
+def prompt_column(problem: str, instruction: str | None, style: str):
+    """The `prompt` of a training row: one user turn (`chat`) or the plain template's text (`plain`)."""
+    return prompt_messages(problem, instruction) if style == "chat" else plain_prompt(problem, instruction)
+
+
+def completion_column(continuation: str, style: str):
+    """The `completion` (or `chosen`/`rejected`) of a training row for `continuation`, the text after the prompt.
+
+    A chat completion is an assistant turn, which the chat template places. A plain completion is `continuation`
+    exactly: TRL joins plain prompts and completions as the string `prompt + completion` before tokenizing
+    (SFTTrainer and DPOTrainer alike), so any separator must be part of the completion. A sample generated after
+    the prompt already starts with whatever whitespace the model produced; adding one would train on a double space.
+    """
+    return [{"role": "assistant", "content": continuation}] if style == "chat" else continuation
+
+
+def reference_completion(text: str, style: str):
+    """The completion for a reference (or corrupted reference) solution: joined to a plain prompt by one space."""
+    return completion_column(text if style == "chat" else PLAIN_REFERENCE_SEPARATOR + text, style)
 
 
 def completion_text(problem: Problem, target: str) -> str:
@@ -59,8 +76,8 @@ def sft_rows(problems: Iterable[Problem], target="solution", instruction=DEFAULT
     return [
         {
             "id": p.id,
-            "prompt": _prompt(p, instruction, style),
-            "completion": _completion(completion_text(p, target), style),
+            "prompt": prompt_column(p.problem, instruction, style),
+            "completion": reference_completion(completion_text(p, target), style),
             "answer": p.answer,
         }
         for p in problems
@@ -76,9 +93,9 @@ def preference_rows(problems: Iterable[Problem], negatives=1, seed=0, instructio
             rows.append(
                 {
                     "id": p.id,
-                    "prompt": _prompt(p, instruction, style),
-                    "chosen": _completion(p.solution, style),
-                    "rejected": _completion(wrong, style),
+                    "prompt": prompt_column(p.problem, instruction, style),
+                    "chosen": reference_completion(p.solution, style),
+                    "rejected": reference_completion(wrong, style),
                 }
             )
     return rows
@@ -92,8 +109,8 @@ def outcome_rows(problems: Iterable[Problem], negatives=1, seed=0, instruction=D
         rows.append(
             {
                 "id": p.id,
-                "prompt": _prompt(p, instruction, style),
-                "completion": _completion(p.solution, style),
+                "prompt": prompt_column(p.problem, instruction, style),
+                "completion": reference_completion(p.solution, style),
                 "label": True,
             }
         )
@@ -102,8 +119,8 @@ def outcome_rows(problems: Iterable[Problem], negatives=1, seed=0, instruction=D
             rows.append(
                 {
                     "id": p.id,
-                    "prompt": _prompt(p, instruction, style),
-                    "completion": _completion(wrong, style),
+                    "prompt": prompt_column(p.problem, instruction, style),
+                    "completion": reference_completion(wrong, style),
                     "label": False,
                 }
             )
@@ -111,7 +128,7 @@ def outcome_rows(problems: Iterable[Problem], negatives=1, seed=0, instruction=D
 
 
 def prompt_rows(problems: Iterable[Problem], instruction=DEFAULT_INSTRUCTION, style="chat"):
-    return [{"id": p.id, "prompt": _prompt(p, instruction, style), "answer": p.answer} for p in problems]
+    return [{"id": p.id, "prompt": prompt_column(p.problem, instruction, style), "answer": p.answer} for p in problems]
 
 
 def is_trainer_format(columns: Iterable[str], kind: str) -> bool:
@@ -130,3 +147,34 @@ def rows_for_kind(kind: str, problems: list[Problem], data_args, seed: int = 0) 
     if kind == "prompts":
         return prompt_rows(problems, instruction, style)
     raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
+
+
+def _split_rows(kind: str, data_args, split: str, limit: int | None, seed: int) -> list[dict]:
+    """Rows of one split: a file's or Hub dataset's rows as they are when already in `kind`'s format, otherwise
+    `kind` rows built from its problems."""
+    name = data_args.dataset_name
+    if not is_problem_source(name):
+        read = read_source(name, split, data_args.dataset_config)
+        if read.rows and is_trainer_format(read.rows[0].keys(), kind):
+            return read.rows[:limit] if limit is not None else read.rows
+    if name == "synthetic" and limit is None:
+        limit = (
+            data_args.synthetic_num_train if split == data_args.dataset_train_split else data_args.synthetic_num_eval
+        )
+    loaded = load_problems_as_configured(data_args, name=name, split=split, limit=limit)
+    return rows_for_kind(kind, loaded.problems, data_args, seed=seed)
+
+
+def build_datasets(kind: str, data_args, seed: int):
+    """Train (and, with a `dataset_test_split`, eval) `datasets.Dataset` in the trainer's format for `kind`, from
+    the options of a `DataArguments`."""
+    from datasets import Dataset
+
+    train_rows = _split_rows(kind, data_args, data_args.dataset_train_split, data_args.max_train_samples, seed)
+    if not train_rows:
+        raise ValueError(f"The training set {data_args.dataset_name!r} is empty after loading; nothing to train on.")
+    eval_dataset = None
+    if data_args.dataset_test_split:
+        eval_rows = _split_rows(kind, data_args, data_args.dataset_test_split, data_args.max_eval_samples, seed)
+        eval_dataset = Dataset.from_list(eval_rows)
+    return Dataset.from_list(train_rows), eval_dataset

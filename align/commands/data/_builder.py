@@ -48,7 +48,7 @@ def run_builder(name: str, argv: list[str], options_class, make_rows: RowMaker, 
     """Parse `argv`, sample and grade (resumable, sharded), write the rows `make_rows` returns and the summary."""
     from trl import TrlParser
 
-    from align.data.loaders import DatasetUnavailableError, load_problems
+    from align.data.loaders import DatasetUnavailableError, load_problems_as_configured
     from align.data.schema import InvalidRowError
     from align.evaluation.backends import resolve_backend_name
     from align.evaluation.records import SUMMARY_FILE, write_json_atomic, write_records_atomic
@@ -63,17 +63,7 @@ def run_builder(name: str, argv: list[str], options_class, make_rows: RowMaker, 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
     try:
-        loaded = load_problems(
-            args.dataset,
-            args.split,
-            limit=args.limit,
-            skip_invalid=args.skip_invalid,
-            column_mapping=args.column_mapping,
-            synthetic_levels=tuple(args.synthetic_levels),
-            synthetic_seed=args.synthetic_seed,
-            dataset_config=args.dataset_config,
-            row_format=args.row_format,
-        )
+        loaded = load_problems_as_configured(args)
         records = collect_samples(loaded.problems, args, args.k, output)
     except (RunConfigMismatchError, InvalidRowError, DatasetUnavailableError, FileNotFoundError) as error:
         print(f"align data {name}: {error}", file=sys.stderr)

@@ -1,0 +1,180 @@
+"""Training as a library: the methods align trains, and `run`, which trains one from parsed configs.
+
+The flow of a run is one line: recipe YAML -> `TrlParser` (DataArguments, the method's config, AlignModelConfig)
+-> problems -> the method's dataset format -> trainer -> checkpoints -> final model/adapter in `output_dir`.
+A run whose `output_dir` already holds checkpoints resumes from the last one instead of starting over.
+`align train` (align.commands.train) parses the command line and calls `parse_args` and `run`, or `launch_command`
+to start itself under `accelerate launch`; `align.pipeline.train_recipe` calls them the same way.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+logger = logging.getLogger("align.train")
+
+
+def _prm_kind(config) -> str:
+    """The implicit PRM trains on labelled outcomes with its `ce` objective, on preference pairs with dpo/nca."""
+    return "outcome" if config.objective == "ce" else "preference"
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of `METHODS`: where the method's config and trainer live, what data it trains on, its recipe."""
+
+    name: str
+    module: str  # holds both classes; a leading dot means a module of align.trainers
+    config: str
+    trainer: str
+    dataset_kind: str | Callable[[object], str]  # a kind of align.data.training, or a function of the trainer config
+    recipe: str  # default recipe: recipes/smollm2-135m-instruct/<recipe>.yaml
+    description: str  # one line of `align train --help`
+
+
+# The registry. Classes are named, not imported: importing every trainer pulls in TRL's trainer stack (16 s on the
+# 2-core CI machine, against 0.3 s for `align train --help`), which the help and the parent process of
+# `--accelerate-config` never need; a run imports only its own method's module. Module `.x` is align.trainers.x,
+# dataset kinds are align.data.training's, and default recipe `r` is recipes/smollm2-135m-instruct/r.yaml.
+# fmt: off
+_TABLE = {
+    # method   module            config class              trainer class              dataset kind  default recipe
+    "sft":     ("trl",           "SFTConfig",              "SFTTrainer",              "sft",        "sft"),
+    "dco":     (".dco",          "DCOConfig",              "DCOTrainer",              "sft",        "dco"),
+    "margin":  (".margin",       "MarginPreferenceConfig", "MarginPreferenceTrainer", "preference", "margin_dpo"),
+    "prm":     (".implicit_prm", "ImplicitPRMConfig",      "ImplicitPRMTrainer",      _prm_kind,    "implicit_prm"),
+    "pass_n":  (".pass_n",       "PassAtNConfig",          "PassAtNGRPOTrainer",      "prompts",    "pass_n"),
+    "grpo":    (".pass_n",       "GraderGRPOConfig",       "GraderGRPOTrainer",       "prompts",    "grpo"),
+}
+# fmt: on
+_DESCRIPTIONS = {
+    "sft": "cross-entropy fine-tuning (TRL SFTTrainer)",
+    "dco": "Direct Coverage Optimization: pass@N loss -log(1-(1-p̂)^N) that limits over-confidence (sequence/step/p̂)",
+    "margin": "margin losses (DPO/IPO/SLiC/SimPO/R-DPO/DPOP/CPO) with live gradient-entanglement diagnostics",
+    "prm": "implicit PRM: outcome reward β·log π/π_ref (ce on labels, dpo/nca on pairs); step rewards for free",
+    "pass_n": (
+        "online pass@N for chains of thought: GRPO sampling, weights F(N,p̂)/c on correct samples (verifier reward)"
+    ),
+    "grpo": "GRPO (TRL GRPOTrainer) with align's verifier reward on the dataset's answers: the pass_n baseline",
+}
+METHODS: dict[str, Method] = {name: Method(name, *row, _DESCRIPTIONS[name]) for name, row in _TABLE.items()}
+
+
+def default_recipe(method_name: str) -> Path:
+    """The method's recipe for the embedded default model (CPU-sized), from the recipes align ships."""
+    from align.models import DEFAULT_MODEL
+    from align.resources import recipe_path
+
+    return recipe_path(f"{DEFAULT_MODEL}/{METHODS[method_name].recipe}.yaml")
+
+
+def method_classes(method: Method) -> tuple[type, type]:
+    """The method's (trainer, config) with entropy-regularized attention composed in (off unless a field sets it)."""
+    from align.trainers.entropy import with_entropy_regularization
+
+    module = importlib.import_module(method.module, "align.trainers")
+    return with_entropy_regularization(getattr(module, method.trainer), getattr(module, method.config))
+
+
+def build_parser(method: Method):
+    from trl import TrlParser
+
+    from align.configs import AlignModelConfig, DataArguments
+
+    return TrlParser((DataArguments, method_classes(method)[1], AlignModelConfig))
+
+
+def parse_args(method_name: str, argv: list[str]):
+    """(DataArguments, the method's config, AlignModelConfig) from `--config RECIPE.yaml` and `--field value` flags."""
+    return build_parser(METHODS[method_name]).parse_args_and_config(argv)
+
+
+def dataset_kind_for(method: Method, training_args) -> str:
+    kind = method.dataset_kind
+    return kind(training_args) if callable(kind) else kind
+
+
+def model_init_kwargs(model_args) -> dict:
+    kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    return kwargs
+
+
+def last_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def run(method_name: str, data_args, training_args, model_args):
+    """Build everything from parsed configs, train (resuming if possible), save; returns the trainer."""
+    from trl import get_peft_config
+
+    from align.data.training import build_datasets
+    from align.distributed import DistributedSanityCallback
+    from align.models import load_tokenizer, resolve_model_path
+
+    method = METHODS[method_name]
+    model_path = resolve_model_path(model_args.model_name_or_path)
+    tokenizer = load_tokenizer(model_path)
+    training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
+    kind = dataset_kind_for(method, training_args)
+    train_dataset, eval_dataset = build_datasets(kind, data_args, seed=training_args.seed)
+    trainer_cls = method_classes(method)[0]
+    trainer = trainer_cls(
+        model=model_path,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.add_callback(DistributedSanityCallback(trainer))
+    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    if resume:
+        logger.warning("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(training_args.output_dir)
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(training_args.output_dir)
+        # The Trainer writes its state (loss history) only inside checkpoints; keep the final one with the model.
+        trainer.state.save_to_json(os.path.join(training_args.output_dir, "trainer_state.json"))
+    # Tear down together: a rank that destroys its gloo group and exits while another is still writing files has
+    # been seen to abort at exit ("terminate called without an active exception"), failing the whole launch.
+    trainer.accelerator.wait_for_everyone()
+    if hasattr(trainer, "end"):  # transformers >= 5.18: closes trackers and the process group
+        trainer.end()
+    return trainer
+
+
+def rank_argv(accelerate_config: str, argv: list[str]) -> list[str]:
+    """The `align train <method>` arguments every launched process gets."""
+    if accelerate_config.removesuffix(".yaml").startswith("cpu_") and "--use_cpu" not in argv:
+        # The CPU configs select accelerate's multi-process launcher; the Trainer must also be told to use the CPU,
+        # otherwise every process trains alone (platform.md section 1).
+        return [*argv, "--use_cpu", "true"]
+    return argv
+
+
+def launch_command(
+    method_name: str, argv: list[str], accelerate_config: str, **launch_options
+) -> tuple[list[str], dict[str, str]]:
+    """The command (and its environment) that runs `align train <method> <rank_argv>` under `accelerate launch`
+    with a named config (like `trl sft --accelerate_config`); `launch_options` are `distributed.launch_command`'s."""
+    from align.distributed import EXPECTED_PROCESSES_ENV
+    from align.distributed import launch_command as accelerate_command
+
+    command = accelerate_command(
+        accelerate_config, ["train", method_name, *rank_argv(accelerate_config, argv)], **launch_options
+    )
+    env = dict(os.environ)
+    if launch_options.get("num_processes") is not None:
+        env[EXPECTED_PROCESSES_ENV] = str(int(launch_options["num_processes"]))  # accelerate's count: all machines
+    return command, env
