@@ -163,9 +163,7 @@ class EvalConfig(SamplingRunArguments):
         default=None, metadata={"help": "Implicit PRM (align.prm) to score samples: adds bon@k, weighted_maj@k."}
     )
     prm_ref: str | None = field(default=None, metadata={"help": "Reference model of the PRM (default: its own)."})
-    prm_aggregate: str = field(
-        default="min", metadata={"help": f"Step rewards -> sample score: one of {AGGREGATES}."}
-    )
+    prm_aggregate: str = field(default="min", metadata={"help": f"Step rewards -> sample score: one of {AGGREGATES}."})
     prm_beta: float | None = field(default=None, metadata={"help": "PRM beta (default: the PRM's own)."})
     prm_batch_size: int = field(default=8, metadata={"help": "Samples scored per PRM call."})
     plot: bool = field(default=True, metadata={"help": "Write passk.png."})
