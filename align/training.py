@@ -29,7 +29,6 @@ def _prm_kind(config) -> str:
 class Method:
     """One row of `METHODS`: where the method's config and trainer live, what data it trains on, its recipe."""
 
-    name: str
     module: str  # holds both classes; a leading dot means a module of align.trainers
     config: str
     trainer: str
@@ -63,7 +62,7 @@ _DESCRIPTIONS = {
     ),
     "grpo": "GRPO (TRL GRPOTrainer) with align's verifier reward on the dataset's answers: the pass_n baseline",
 }
-METHODS: dict[str, Method] = {name: Method(name, *row, _DESCRIPTIONS[name]) for name, row in _TABLE.items()}
+METHODS: dict[str, Method] = {name: Method(*row, _DESCRIPTIONS[name]) for name, row in _TABLE.items()}
 
 
 def default_recipe(method_name: str) -> Path:

@@ -87,7 +87,8 @@ def _run(command: list, cwd: Path, env: dict | None = None, tmp: Path | None = N
     proc = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stderr + proc.stdout
     assert proc.returncode == 0, output[-4000:]
-    lines = [line for line in output.splitlines() if "Warning" not in line and "warnings.warn" not in line]
+    noise = ("Warning", "warnings.warn", "Looking in ")  # Python warnings, pip's index lines
+    lines = [line for line in output.splitlines() if line.strip() and not any(word in line for word in noise)]
     print("\n".join(f"  {short(line)[:200]}" for line in lines[:3]))
     return output
 
