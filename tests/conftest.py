@@ -10,6 +10,9 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["TRL_EXPERIMENTAL_SILENCE"] = "1"
 os.environ.setdefault("WANDB_MODE", "disabled")
+# Tests check logic, to 1e-5 and across batchings and process counts: `auto` precision means float32 in every test
+# (and in the processes they launch); tests/test_precision.py unsets it to check what `auto` picks.
+os.environ["ALIGN_PRECISION"] = "fp32"
 
 import pytest  # noqa: E402
 

@@ -110,7 +110,9 @@ def check_backend_options(name: str, options: dict) -> dict:
     return checked
 
 
-def get_backend(name: str, model: str, *, dtype="auto", batch_size: int = 16, **options) -> GenerationBackend:
+def get_backend(
+    name: str, model: str, *, dtype="auto", batch_size: int | str = "auto", **options
+) -> GenerationBackend:
     """Build the backend `name` (`auto` or a registered one) for `model`, with its engine `options`."""
     resolved = resolve_backend_name(name)
     backend = BACKEND_REGISTRY[resolved]

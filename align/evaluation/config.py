@@ -16,10 +16,12 @@ from align.evaluation.backends import (
     check_backend_options,
     parse_backend_kwargs,
 )
+from align.evaluation.batching import parse_batch_size
 from align.evaluation.generation import SamplingConfig
 from align.grading import GradingArguments
 from align.losses.implicit_reward import AGGREGATES
 from align.models import DEFAULT_MODEL
+from align.precision import resolve_inference_dtype
 
 
 def _backend_options_help() -> str:
@@ -85,10 +87,23 @@ class SamplingRunArguments(GradingArguments):
             "Not part of the run's identity (run_config.json): a run may resume under other engine options."
         },
     )
-    batch_size: int = field(
-        default=16, metadata={"help": "hf: sequences per generate call; vllm: prompts handed over per call."}
+    # typed str so the command line keeps "auto" (HfArgumentParser turns `int | str` into int); __post_init__ makes
+    # it an int or "auto"
+    batch_size: str = field(
+        default="auto",
+        metadata={
+            "help": "hf: sequences per generate call; vllm: prompts handed over per call. `auto` (hf): the largest "
+            "batch whose KV cache fits a quarter of free memory, capped at 64 on a CPU and 256 on a GPU "
+            "(align.evaluation.batching); the value used is logged and stored in summary.json's `engine`."
+        },
     )
-    dtype: str = field(default="auto", metadata={"help": "Model dtype: auto (fp32 on CPU, bf16 on GPU), float32, ..."})
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "Model dtype: `auto` is bfloat16 on a bf16 GPU or a CPU with native bf16 (AVX-512 BF16/AMX), "
+            "float16 on older GPUs, float32 otherwise (align.precision); or float32, bfloat16, float16."
+        },
+    )
     prompt_style: str = field(
         default="chat", metadata={"help": f"One of {PROMPT_STYLES}: chat template, or plain text for base models."}
     )
@@ -107,8 +122,7 @@ class SamplingRunArguments(GradingArguments):
             raise ValueError(f"row_format must be one of {ROW_FORMATS}, got {self.row_format!r}")
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        self.batch_size = parse_batch_size(self.batch_size)
         super().__post_init__()
 
     def sampling(self, n: int) -> SamplingConfig:
@@ -133,7 +147,8 @@ class SamplingRunArguments(GradingArguments):
             "synthetic_seed": self.synthetic_seed if self.dataset == "synthetic" else None,
             "sampling": self.sampling(n).to_dict(),
             "backend": backend,
-            "dtype": self.dtype,
+            # what `auto` means here, not the word: a run resumed on other hardware must not mix precisions
+            "dtype": resolve_inference_dtype(self.dtype, _default_device()),
             "prompt_style": self.prompt_style,
             "prompt_instruction": self.prompt_instruction,
         }
@@ -180,3 +195,9 @@ class EvalConfig(SamplingRunArguments):
             raise ValueError(f"prm_aggregate must be one of {AGGREGATES}, got {self.prm_aggregate!r}")
         if self.maj_num_subsets < 1:
             raise ValueError(f"maj_num_subsets must be >= 1, got {self.maj_num_subsets}")
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -69,6 +69,10 @@ class GenerationBackend:
         """How many prompts a caller should pass per `generate` call (the harness writes results between calls)."""
         return 1
 
+    def engine(self) -> dict:
+        """How samples are being generated (backend, dtype, batch size), recorded with every record."""
+        return {"backend": self.name}
+
     def close(self) -> None:
         """Free the model (evaluation may load a scorer next)."""
 

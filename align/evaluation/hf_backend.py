@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import ClassVar
 
+from align.evaluation.batching import AUTO, auto_batch_size, batch_cap, parse_batch_size
 from align.evaluation.generation import Completion, GenerationBackend, SamplingConfig, encode_prompt
 from align.evaluation.sampling import SeededSampler, sequence_seed
+from align.precision import resolve_inference_dtype
+
+
+logger = logging.getLogger("align.eval")
 
 
 def _device(prefer: str | None = None) -> str:
@@ -17,16 +23,6 @@ def _device(prefer: str | None = None) -> str:
     if torch.cuda.is_available():
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
     return "cpu"
-
-
-def _resolve_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    if device.startswith("cuda"):
-        import torch
-
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"
 
 
 class HFBackend(GenerationBackend):
@@ -41,22 +37,22 @@ class HFBackend(GenerationBackend):
         "device": (str, "where to generate, e.g. cuda:1 or cpu (default: this process's GPU, else cpu)"),
     }
 
-    def __init__(self, model: str, *, dtype: str = "auto", batch_size: int = 16, device: str | None = None):
+    def __init__(self, model: str, *, dtype: str = "auto", batch_size: int | str = AUTO, device: str | None = None):
         import torch
 
         from align.models import load_model_and_tokenizer
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.requested_batch_size = parse_batch_size(batch_size)
         self.device = _device(device)
-        self.dtype = _resolve_dtype(dtype, self.device)
+        self.dtype = resolve_inference_dtype(dtype, self.device)
         self.model, self.tokenizer = load_model_and_tokenizer(
             model, dtype=self.dtype, device=self.device, padding_side="left"
         )
         if hasattr(self.model, "merge_and_unload"):  # a PEFT adapter: fold it into the weights, generation is faster
             self.model = self.model.merge_and_unload()
         self.model.eval()
-        self.batch_size = batch_size
+        # `auto` is sized per generate call from its longest prompt (batching.py); until then, the cap.
+        self.batch_size = batch_cap(self.device) if self.requested_batch_size == AUTO else self.requested_batch_size
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
@@ -69,9 +65,28 @@ class HFBackend(GenerationBackend):
     def prompts_per_call(self, n: int) -> int:
         return max(1, self.batch_size // n)
 
+    def engine(self) -> dict:
+        """How samples are being generated (recorded with every record, summarized in summary.json)."""
+        return {"backend": self.name, "dtype": self.dtype, "batch_size": self.batch_size, "auto_batch": self.auto}
+
+    @property
+    def auto(self) -> bool:
+        return self.requested_batch_size == AUTO
+
+    def _size_batch(self, longest_prompt: int, max_new_tokens: int) -> None:
+        chosen = auto_batch_size(self.model.config, self.dtype, longest_prompt + max_new_tokens, self.device)
+        if chosen != self.batch_size or not getattr(self, "_sized", False):
+            logger.info(
+                "hf backend: batch_size auto -> %d sequences per generate call (%s, %d tokens per sequence)",
+                chosen, self.dtype, longest_prompt + max_new_tokens,
+            )  # fmt: skip
+        self.batch_size, self._sized = chosen, True
+
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
         rows = [(p, j) for p in range(len(prompts)) for j in range(sampling.n)]
         encoded = [encode_prompt(self.tokenizer, prompt) for prompt in prompts]
+        if self.auto and encoded:
+            self._size_batch(max(map(len, encoded)), sampling.max_new_tokens)
         rows.sort(key=lambda row: -len(encoded[row[0]]))  # stable: samples of a prompt stay together
         results: list[list[Completion | None]] = [[None] * sampling.n for _ in prompts]
         for start in range(0, len(rows), self.batch_size):

@@ -113,8 +113,19 @@ def summarize(
             "generated_tokens": sum(token_counts),
             "tokens_per_s": round(sum(token_counts) / generation_s, 2) if generation_s > 0 else None,
         },
+        "engine": _engines(records),
         "versions": package_versions(),
     }
+
+
+def _engines(records: list[dict]) -> dict | list[dict] | None:
+    """The generation engine(s) the records were sampled with (one dict, or each distinct one after a resume)."""
+    distinct = []
+    for record in records:
+        engine = record.get("engine")
+        if engine is not None and engine not in distinct:
+            distinct.append(engine)
+    return distinct[0] if len(distinct) == 1 else (distinct or None)
 
 
 def plot_passk(summary: dict, path: Path) -> Path:

@@ -71,8 +71,9 @@ def sample_and_grade(
                 _check_shape(completions, len(chunk), sampling.n)
                 generate_bar.update(len(chunk) * sampling.n)
                 began = time.perf_counter()
+                engine = backend.engine()
                 records = [
-                    _new_record(problem, prompt, outputs, generation_s / len(chunk))
+                    {**_new_record(problem, prompt, outputs, generation_s / len(chunk)), "engine": engine}
                     for problem, prompt, outputs in zip(chunk, prompts, completions)
                 ]
                 grade_records(records, grader)

@@ -43,7 +43,7 @@ class VLLMBackend(GenerationBackend):
     def available(cls) -> bool:
         return vllm_available()
 
-    def __init__(self, model: str, *, dtype: str = "auto", batch_size: int = 16, **llm_kwargs):
+    def __init__(self, model: str, *, dtype: str = "auto", batch_size: int | str = "auto", **llm_kwargs):
         from vllm import LLM
 
         from align.models import load_tokenizer, resolve_model_path
@@ -63,12 +63,17 @@ class VLLMBackend(GenerationBackend):
         else:
             tokenizer_path = path
         self.tokenizer = load_tokenizer(tokenizer_path)
-        # vLLM batches internally (continuous batching); batch_size is how many prompts it is handed per call
-        self.batch_size = batch_size
+        # vLLM batches internally (continuous batching); batch_size is how many prompts it is handed per call, and
+        # `auto` hands it 64 prompts (enough to keep its scheduler full, few enough to write results often)
+        self.batch_size = 64 if batch_size == "auto" else int(batch_size)
+        self.dtype = dtype
         self.llm = LLM(model=path, tokenizer=tokenizer_path, dtype=dtype, **llm_kwargs)
 
     def prompts_per_call(self, n: int) -> int:
         return self.batch_size
+
+    def engine(self) -> dict:
+        return {"backend": self.name, "dtype": self.dtype, "prompts_per_call": self.batch_size}
 
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
