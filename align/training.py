@@ -82,11 +82,9 @@ def method_classes(method: Method) -> tuple[type, type]:
 
 
 def build_parser(method: Method):
-    from trl import TrlParser
+    from align.configs import AlignModelConfig, DataArguments, RecipeParser
 
-    from align.configs import AlignModelConfig, DataArguments
-
-    return TrlParser((DataArguments, method_classes(method)[1], AlignModelConfig))
+    return RecipeParser((DataArguments, method_classes(method)[1], AlignModelConfig))
 
 
 def parse_args(method_name: str, argv: list[str]):
