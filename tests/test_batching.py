@@ -55,3 +55,11 @@ def test_auto_batch_is_logged_and_stored_in_the_summary(tiny_model_dir, tmp_path
     assert f"batch_size auto -> {engine['batch_size']} sequences" in caplog.text
     stored = json.loads((tmp_path / "summary.json").read_text())
     assert stored["engine"] == engine
+
+
+def test_hf_backend_keeps_the_fast_lm_head_path(tiny_model_dir):
+    """A frozen model (a merged PEFT adapter) makes torch's matmul copy the LM head per sequence (see hf_backend)."""
+    from align.evaluation.hf_backend import HFBackend
+
+    backend = HFBackend(tiny_model_dir, batch_size=4)
+    assert all(parameter.requires_grad for parameter in backend.model.parameters())

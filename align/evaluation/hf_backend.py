@@ -51,6 +51,11 @@ class HFBackend(GenerationBackend):
         if hasattr(self.model, "merge_and_unload"):  # a PEFT adapter: fold it into the weights, generation is faster
             self.model = self.model.merge_and_unload()
         self.model.eval()
+        # Keep requires_grad on (free under inference_mode): with it off, torch 2.13's matmul runs the LM head on the
+        # last position (transformers slices hidden states for logits_to_keep=1) as a bmm that copies the head's
+        # weight per sequence: 4.4 s instead of 9 ms per prefill at batch 64 on SmolLM2 in bf16, which made
+        # merged LoRA adapters (frozen by PEFT) sample at a third of the base model's speed.
+        self.model.requires_grad_(True)
         # `auto` is sized per generate call from its longest prompt (batching.py); until then, the cap.
         self.batch_size = batch_cap(self.device) if self.requested_batch_size == AUTO else self.requested_batch_size
         eos = self.model.generation_config.eos_token_id
@@ -61,6 +66,8 @@ class HFBackend(GenerationBackend):
             raise ValueError(f"model {model!r} defines no end-of-sequence token; generation could never stop early")
         self.eos_ids = sorted(eos_ids)
         self._torch = torch
+        # extra `GenerationConfig` fields (e.g. a static KV cache for torch.compile; benchmarks/generation_compile.py)
+        self.generation_overrides: dict = {}
 
     def prompts_per_call(self, n: int) -> int:
         return max(1, self.batch_size // n)
@@ -113,6 +120,7 @@ class HFBackend(GenerationBackend):
             max_new_tokens=sampling.max_new_tokens,
             eos_token_id=self.eos_ids,
             pad_token_id=pad,
+            **self.generation_overrides,
         )
         sampler = SeededSampler(seeds, sampling.temperature, sampling.top_p)
         with torch.inference_mode():
