@@ -57,9 +57,19 @@ def test_auto_batch_is_logged_and_stored_in_the_summary(tiny_model_dir, tmp_path
     assert stored["engine"] == engine
 
 
-def test_hf_backend_keeps_the_fast_lm_head_path(tiny_model_dir):
+def test_hf_backend_keeps_the_fast_lm_head_path(tiny_model_dir, tmp_path):
     """A frozen model (a merged PEFT adapter) makes torch's matmul copy the LM head per sequence (see hf_backend)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from align.evaluation.hf_backend import HFBackend
 
-    backend = HFBackend(tiny_model_dir, batch_size=4)
+    adapter = tmp_path / "adapter"
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=2, target_modules="all-linear")
+    )
+    model.save_pretrained(adapter)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(adapter)
+    backend = HFBackend(str(adapter), batch_size=4)
+    assert not hasattr(backend.model, "peft_config")  # merged
     assert all(parameter.requires_grad for parameter in backend.model.parameters())
