@@ -6,6 +6,10 @@ weights, once with bfloat16 weights (`dtype: auto` on a CPU with native bf16). T
 differences get paired-bootstrap 95 % intervals (`align.evaluation.paired`); "agree" means the interval holds 0.
 The bf16 run's sampling speed relative to the float32 run's is reported beside it (same problems, same machine).
 
+With `--fp32-demo-dir` (a demo run under `ALIGN_PRECISION=fp32`: identical data, steps and seed), the two demos'
+fine-tunes are compared too: their training-loss curves (plotted to OUTPUT/loss-curves.png), final losses (mean of
+the last quarter of logged steps) and whether DCO minus cross-entropy at pass@16 keeps its sign.
+
 A heavy experiment (about 25 minutes on 2 cores for three models), so `python -m benchmarks` without names skips
 it: `python -m benchmarks precision_agreement` or `python benchmarks/precision_agreement.py --demo-dir runs/demo`.
 """
@@ -43,6 +47,7 @@ def _eval(model: str, problems: Path, output_dir: Path, dtype: str, n: int, batc
 
 def main(
     demo_dir: str | None = "runs/demo",
+    fp32_demo_dir: str | None = None,
     output_dir: str = "runs/precision-agreement",
     limit: int = 200,
     n: int = 16,
@@ -78,15 +83,51 @@ def main(
             "agree": all(not result["shown"] for result in comparison.values()),
             "eval_seconds": {dtype: round(value, 1) for dtype, value in seconds.items()},
         }  # fmt: skip
-    return emit("precision_agreement", problems=limit, n=n, batch_size=batch_size, models=rows)
+    training = compare_training(Path(demo_dir), Path(fp32_demo_dir), root) if demo_dir and fp32_demo_dir else None
+    return emit("precision_agreement", problems=limit, n=n, batch_size=batch_size, models=rows, training=training)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    history = json.loads((run / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], entry["loss"]) for entry in history if "loss" in entry]
+
+
+def compare_training(auto_demo: Path, fp32_demo: Path, output_dir: Path) -> dict:
+    """Loss curves, final losses and the CE-vs-DCO direction of an auto-precision demo and a float32 demo."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result, figure = {}, plt.figure(figsize=(7, 4))
+    for method, color in (("sft", "tab:blue"), ("dco", "tab:orange")):
+        for demo, label, style in ((fp32_demo, "float32", "-"), (auto_demo, "bf16 autocast", "--")):
+            curve = _losses(demo / "train" / method)
+            plt.plot(*zip(*curve), style, color=color, label=f"{method} ({label})")
+            tail = [loss for _, loss in curve[-max(1, len(curve) // 4) :]]
+            result.setdefault(method, {})[label] = round(sum(tail) / len(tail), 4)
+    plt.xlabel("step")
+    plt.ylabel("training loss")
+    plt.title("demo fine-tunes: float32 vs bf16 autocast (same data, steps, seed)")
+    plt.legend()
+    figure.savefig(output_dir / "loss-curves.png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    for demo, label in ((fp32_demo, "float32"), (auto_demo, "bf16 autocast")):
+        passes = {
+            m: json.loads((demo / "eval" / m / "summary.json").read_text())["metrics"]["pass@16"]
+            for m in ("sft", "dco")
+        }
+        result.setdefault("dco_minus_ce_pass@16", {})[label] = round(passes["dco"] - passes["sft"], 4)
+    return result
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-dir", default="runs/demo", help="A finished `align demo` directory (its adapters).")
+    parser.add_argument("--fp32-demo-dir", default=None, help="The same demo run with ALIGN_PRECISION=fp32.")
     parser.add_argument("--output-dir", default="runs/precision-agreement")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    main(args.demo_dir, args.output_dir, args.limit, args.n, args.batch_size)
+    main(args.demo_dir, args.fp32_demo_dir, args.output_dir, args.limit, args.n, args.batch_size)
