@@ -33,6 +33,7 @@ import torch
 
 from align.log_probs import enable_fused_log_probs, is_peft_model, token_log_probs
 from align.losses.implicit_reward import AGGREGATES, aggregate_step_rewards, process_rewards, token_rewards
+from align.precision import resolve_inference_dtype
 from align.steps import DEFAULT_STEP_SEPARATOR, Segmentation, segment_completion
 
 
@@ -163,8 +164,10 @@ class ImplicitPRM:
         `path`: a LoRA adapter directory (the reference defaults to its adapter-disabled base) or a full model
         directory (then pass `ref_model`, a path/alias or a loaded model, unless `reference_free`; a model saved by
         `align train prm` names its reference in `implicit_prm.json`, used when `ref_model` is None). `beta` and the
-        step settings default to what the PRM was trained with, else β = 0.05 and "\\n\\n". `dtype` "auto" and
-        `device` None mean bfloat16 on the GPU when there is one, else float32 on the CPU.
+        step settings default to what the PRM was trained with, else β = 0.05 and "\\n\\n". `device` None means the
+        GPU when there is one, else the CPU; `dtype` "auto" means bf16 weights where that device computes bf16
+        natively, else float32 (`align.precision`); pass "float32" for scores
+        comparable with float32 runs to 1e-6.
         """
         from align.models import load_model_and_tokenizer, resolve_model_path
 
@@ -181,8 +184,7 @@ class ImplicitPRM:
             logger.info("reference model of %s: %s (from %s)", path, ref_model, SETTINGS_FILE)
         if device is None and torch.cuda.is_available():
             device = "cuda"
-        if dtype == "auto":
-            dtype = "bfloat16" if device is not None and str(device).startswith("cuda") else "float32"
+        dtype = resolve_inference_dtype(dtype, str(device) if device is not None else "cpu")
         model, tokenizer = load_model_and_tokenizer(location, dtype=dtype, device=device)
         if isinstance(ref_model, str):
             ref_model, ref_tokenizer = load_model_and_tokenizer(ref_model, dtype=dtype, device=device)
