@@ -51,6 +51,7 @@ def collect() -> dict[str, str]:
     import torch
 
     from align import __version__
+    from align.precision import describe as describe_precision
 
     info = {"align": __version__, "python": platform.python_version(), "platform": platform.platform()}
     info.update({name: package_version(name) for name in PACKAGES})
@@ -61,6 +62,11 @@ def collect() -> dict[str, str]:
         info["accelerator"] = "cpu only"
     info["torch threads"] = str(torch.get_num_threads())
     info["cpu count"] = str(os.cpu_count())
+    precision = describe_precision()
+    info["cpu native bf16"] = f"{precision['cpu_native_bf16']} (torch CPU capability {precision['cpu_capability']})"
+    info["precision auto"] = f"training: {precision['train_auto']}, sampling/scoring: {precision['inference_auto']}"
+    if precision["override"]:
+        info["precision auto"] += f" (ALIGN_PRECISION={precision['override']})"
     info["default model"] = describe_default_model()
     return info
 
