@@ -2,7 +2,8 @@
 
 The flow of a run is one line: recipe YAML -> `TrlParser` (DataArguments, the method's config, AlignModelConfig)
 -> problems -> the method's dataset format -> trainer -> checkpoints -> final model/adapter in `output_dir`.
-A run whose `output_dir` already holds checkpoints resumes from the last one instead of starting over.
+A run whose `output_dir` already holds checkpoints resumes from the newest complete one instead of starting over
+(checkpoints are written atomically: `align.checkpoints`).
 `align train` (align.commands.train) parses the command line and calls `parse_args` and `run`, or `launch_command`
 to start itself under `accelerate launch`; `align.pipeline.train_recipe` calls them the same way.
 """
@@ -104,16 +105,22 @@ def model_init_kwargs(model_args) -> dict:
     return kwargs
 
 
-def last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def resume_checkpoint(training_args) -> str | None:
+    """The checkpoint a run resumes from: `resume_from_checkpoint` when it names one, else (unset or `true`) the newest
+    complete checkpoint in `output_dir` (`align.checkpoints`: incomplete ones are skipped, with a log line)."""
+    from align.checkpoints import newest_complete_checkpoint
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    requested = training_args.resume_from_checkpoint
+    if requested and str(requested).lower() != "true":
+        return requested
+    return newest_complete_checkpoint(training_args.output_dir)
 
 
 def run(method_name: str, data_args, training_args, model_args):
     """Build everything from parsed configs, train (resuming if possible), save; returns the trainer."""
     from trl import get_peft_config
 
+    from align.checkpoints import with_atomic_checkpoints
     from align.data.training import build_datasets
     from align.distributed import DistributedSanityCallback
     from align.models import load_tokenizer, resolve_model_path
@@ -124,7 +131,8 @@ def run(method_name: str, data_args, training_args, model_args):
     training_args.model_init_kwargs = {**model_init_kwargs(model_args), **(training_args.model_init_kwargs or {})}
     kind = dataset_kind_for(method, training_args)
     train_dataset, eval_dataset = build_datasets(kind, data_args, seed=training_args.seed)
-    trainer_cls = method_classes(method)[0]
+    # Every method's checkpoints are written atomically, so that a kill mid-save never blocks the rerun's resume.
+    trainer_cls = with_atomic_checkpoints(method_classes(method)[0])
     trainer = trainer_cls(
         model=model_path,
         args=training_args,
@@ -134,7 +142,7 @@ def run(method_name: str, data_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.add_callback(DistributedSanityCallback(trainer))
-    resume = training_args.resume_from_checkpoint or last_checkpoint(training_args.output_dir)
+    resume = resume_checkpoint(training_args)
     if resume:
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
