@@ -130,6 +130,36 @@ def test_rerun_with_other_sampling_settings_is_refused(tiny_run, tiny_model_dir)
         run_eval(eval_config(output_dir, model=tiny_model_dir, temperature=1.0))
 
 
+def test_a_run_that_failed_before_its_first_sample_does_not_bind_its_directory(tmp_path, caplog):
+    """`align eval --model <typo>` fails after writing run_config.json; the corrected command into the same
+    directory must run, not be refused as "a different configuration" (the directory holds no samples)."""
+    problems = load_problems("synthetic", "test", limit=2).problems
+
+    def collect(model: str, backend_factory):
+        config = eval_config(tmp_path, model=model, prompt_style="plain")
+        return runs.collect_samples(problems, config, 4, tmp_path, backend_factory=backend_factory)
+
+    def unloadable(*args, **kwargs):
+        raise OSError("no such model: typo")
+
+    def scripted(*args, **kwargs):
+        return ScriptedBackend(arithmetic_script)
+
+    with pytest.raises(OSError, match="no such model"):
+        collect("typo", unloadable)
+    assert json.loads((tmp_path / "run_config.json").read_text())["model"] == "typo"
+    with caplog.at_level("WARNING", logger="align.eval"):
+        records = collect("scripted", scripted)
+    assert [record["id"] for record in records] == [problem.id for problem in problems]
+    assert json.loads((tmp_path / "run_config.json").read_text())["model"] == "scripted"
+    replaced = "recorded no samples: replacing its run_config.json (model: 'typo' (existing) vs 'scripted' (now))"
+    assert replaced in caplog.text
+    # now that samples exist, the identity binds, and the refusal is one line
+    with pytest.raises(RunConfigMismatchError) as refused:
+        collect("typo", scripted)
+    assert "\n" not in str(refused.value) and "model: 'scripted' (existing) vs 'typo' (now)" in str(refused.value)
+
+
 class OracleScorer:
     """Scores 1 for a completion holding the gold answer, else 0; steps = its blank-line separated parts."""
 

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -61,6 +62,49 @@ def _checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
     """With save_strategy=epoch the k-th checkpoint (by step) is the end of epoch k."""
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     return {epoch: path for epoch, path in enumerate(checkpoints, start=1)}
+
+
+REPRO_CONFIG_FILE = "repro_config.json"
+
+
+class ReproConfigMismatchError(ValueError):
+    """The output directory holds results of an experiment with another configuration."""
+
+
+def _has_results(output_dir: Path) -> bool:
+    """Any trained checkpoint or model, any recorded sample, any measured confidence under `output_dir`."""
+    from align.checkpoints import is_complete
+    from align.evaluation.records import read_jsonl
+    from align.pipeline import is_trained
+
+    runs = [path for path in (output_dir / "train").glob("*") if path.is_dir()]
+    if any(is_trained(run) or any(map(is_complete, run.glob("checkpoint-*"))) for run in runs):
+        return True
+    if any(read_jsonl(path) for path in (output_dir / "eval").glob("*/samples*.jsonl")):
+        return True
+    return any((output_dir / "confidence").glob("*.json"))
+
+
+def check_repro_config(output_dir: Path, config: dict) -> None:
+    """Record the experiment's configuration in `repro_config.json`; refuse a different one once results exist.
+
+    A directory whose earlier run produced nothing (it failed first, say on a misspelt --model) takes the new one.
+    """
+    path = output_dir / REPRO_CONFIG_FILE
+    if path.exists():
+        stored = json.loads(path.read_text())
+        differences = [
+            f"{key}: {stored.get(key)!r} (existing) vs {config.get(key)!r} (now)"
+            for key in sorted(set(stored) | set(config))
+            if stored.get(key) != config.get(key)
+        ]
+        if differences and _has_results(output_dir):
+            raise ReproConfigMismatchError(
+                f"{output_dir} holds results of a different configuration ({'; '.join(differences)}); use another "
+                f"--output-dir, or delete {output_dir} to start over"
+            )
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _confidence(model_path: Path | str, problems, size: ReproSize, cache: Path) -> dict:
@@ -144,8 +188,7 @@ def run_dco_repro(output_dir: Path, size: ReproSize, model: str) -> list[dict]:
     from align.pipeline import check_sane, evaluate, stage, train_recipe, write_problems
     from align.training import default_recipe
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "repro_config.json").write_text(json.dumps({"model": model, **asdict(size)}, indent=2))
+    check_repro_config(output_dir, {"model": model, **asdict(size)})
     problems = generate_problems(size.num_test, "test", size.levels)
     test_file = write_problems(problems, output_dir / "test.jsonl")
     eval_options = {
@@ -234,5 +277,11 @@ def main(argv: list[str]) -> int:
     if "epochs" in overrides:
         overrides["epochs"] = sorted(set(overrides["epochs"]))
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
+    from align.evaluation.runs import RunConfigMismatchError
+
+    try:
+        run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
+    except (ReproConfigMismatchError, RunConfigMismatchError) as error:
+        print(f"align repro: {error}", file=sys.stderr)
+        return 2
     return 0

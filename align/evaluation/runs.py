@@ -2,7 +2,8 @@
 
 `collect_samples(problems, run, n, output_dir)` samples and grades every problem into `output_dir/samples.jsonl`.
 Rerunning it with the same directory skips the problems already there, and refuses to mix in samples drawn with a
-different configuration (`run_config.json` holds the identity of the first run; `RunConfigMismatchError`).
+different configuration (`run_config.json` holds the identity of the run that drew them; `RunConfigMismatchError`).
+A directory holding no samples yet (its first run failed before sampling) accepts any configuration.
 
 Under `accelerate launch` / `torchrun` (environment RANK / WORLD_SIZE), problem i belongs to rank i % world_size;
 each rank appends to its own `samples.part-RANK.jsonl`, and rank 0 waits for all problems, merges the parts into
@@ -48,20 +49,26 @@ def process_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def check_run_config(output_dir: Path, identity: dict, write: bool) -> None:
-    """Refuse to resume a run whose stored configuration differs; record the configuration of a new run."""
+def check_run_config(output_dir: Path, identity: dict, write: bool, has_samples: bool) -> None:
+    """Refuse to resume a run whose samples were drawn with another configuration; record the configuration.
+
+    The identity binds the samples, so it binds only once there are some: a directory whose earlier run recorded
+    none (it failed before its first sample, say on a misspelt --model) takes the new configuration, with a warning.
+    """
     path = output_dir / RUN_CONFIG_FILE
     if path.exists():
         differences = _differences(json.loads(path.read_text()), identity)
-        if differences:
+        if not differences:
+            return
+        if has_samples:
             raise RunConfigMismatchError(
-                f"{output_dir} holds samples drawn with a different configuration:\n  "
-                + "\n  ".join(differences)
-                + f"\nUse another --output-dir, or delete {output_dir / SAMPLES_FILE} (and {RUN_CONFIG_FILE}) "
-                "to start over."
+                f"{output_dir} holds samples drawn with a different configuration ({'; '.join(differences)}); use "
+                f"another --output-dir, or delete {output_dir / SAMPLES_FILE} (and {RUN_CONFIG_FILE}) to start over"
             )
-        return
-    if (output_dir / SAMPLES_FILE).exists():
+        logger.warning(
+            "%s recorded no samples: replacing its %s (%s)", output_dir, RUN_CONFIG_FILE, "; ".join(differences)
+        )
+    elif has_samples:
         logger.warning("%s has samples but no %s; cannot check they match this run", output_dir, RUN_CONFIG_FILE)
     if write:
         write_json_atomic(path, identity)
@@ -102,9 +109,9 @@ def collect_samples(
     check_unique_ids(problems)
     rank, world = process_rank()
     backend_name = resolve_backend_name(run.backend)
-    check_run_config(output_dir, run.identity(n, backend_name), write=rank == 0)
-    own_path = output_dir / (SAMPLES_FILE if world == 1 else f"samples.part-{rank}.jsonl")
     done = _done_ids(output_dir)
+    check_run_config(output_dir, run.identity(n, backend_name), write=rank == 0, has_samples=bool(done))
+    own_path = output_dir / (SAMPLES_FILE if world == 1 else f"samples.part-{rank}.jsonl")
     mine = [problem for index, problem in enumerate(problems) if index % world == rank and problem.id not in done]
     logger.info("rank %d/%d: %d problems to sample, %d already done", rank, world, len(mine), len(done))
     if mine:
