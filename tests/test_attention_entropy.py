@@ -150,6 +150,38 @@ def test_padded_rows_do_not_contribute():
             )
 
 
+def test_a_nan_row_marked_invalid_changes_neither_the_penalty_nor_its_gradients():
+    """A query row whose keys are all masked has a NaN softmax; marked invalid it must not count. The penalty and its
+    gradients (to the row entropies and to theta) equal those of the sequence without that row, and stay finite:
+    NaN * 0 = NaN, so the mask is a `torch.where`, not a product."""
+    probs = torch.zeros(1, 1, 5, 5)
+    probs[:, :, :4, :4] = causal_uniform(4)
+    probs[:, :, 4] = float("nan")
+    valid = torch.tensor([[True] * 4 + [False]])
+    visible = torch.tensor([[1, 2, 3, 4, 5]])
+    entropy = row_entropy(probs).detach().requires_grad_()
+    reference_entropy = entropy.detach()[..., :4].clone().requires_grad_()
+    assert entropy[0, 0, 4].isnan() and torch.isfinite(reference_entropy).all()
+    values = torch.tensor([[[1.0, 2.0, 3.0, 4.0, float("nan")]]])
+    assert head_means(values, valid.float()).item() == 2.5
+    for normalization in ("context", "visible"):
+        for convention in ("paper", "code"):
+            theta = torch.tensor([0.3], requires_grad=True)
+            penalty = entropy_band_penalty(
+                *entropy_units(entropy, valid, visible, normalization), theta, 0.0, convention
+            )
+            grad_entropy, grad_theta = torch.autograd.grad(penalty, (entropy, theta))
+            reference_theta = torch.tensor([0.3], requires_grad=True)
+            reference = entropy_band_penalty(
+                *entropy_units(reference_entropy, *full_rows(4), normalization), reference_theta, 0.0, convention
+            )
+            expected_entropy, expected_theta = torch.autograd.grad(reference, (reference_entropy, reference_theta))
+            assert reference.item() > 0 and penalty.item() == pytest.approx(reference.item(), rel=1e-6)
+            assert torch.isfinite(grad_entropy).all() and grad_entropy[0, 0, 4].item() == 0.0
+            torch.testing.assert_close(grad_entropy[..., :4], expected_entropy)
+            torch.testing.assert_close(grad_theta, expected_theta)
+
+
 def test_visible_normalization_makes_uniform_rows_one_and_skips_single_key_rows():
     units, max_units, weights = entropy_units(row_entropy(causal_uniform(5)), *full_rows(5), "visible")
     assert weights[0].tolist() == [0, 1, 1, 1, 1]

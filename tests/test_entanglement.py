@@ -146,6 +146,28 @@ def test_first_order_prediction_and_measurement():
     assert measurement(no_prediction, (-1.0, -1.0), (-2.0, 0.0))["sign_correct_chosen"] is None
 
 
+def test_cosine_and_condition_ratio_of_a_zero_gradient_are_0_with_finite_gradients():
+    """0/0 for a zero gradient norm is defined as 0 (a zero vector is orthogonal to every vector), with a zero
+    gradient there; elsewhere the closed forms cos = 3/√8 and ratio = 3/min(4, 2) = 1.5 and their derivatives."""
+    from align.losses.margin import condition_ratio, cosine
+
+    zero = torch.tensor(0.0)
+    assert cosine(zero, zero, zero).item() == 0.0 and condition_ratio(zero, zero, zero).item() == 0.0
+    inner = torch.tensor([0.0, 0.0, 3.0], dtype=torch.float64, requires_grad=True)
+    norm_w = torch.tensor([0.0, 0.0, 4.0], dtype=torch.float64, requires_grad=True)
+    norm_l = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64, requires_grad=True)
+    cos, ratio = cosine(inner, norm_w, norm_l), condition_ratio(inner, norm_w, norm_l)
+    assert cos.tolist() == pytest.approx([0.0, 0.0, 3 / 8**0.5]) and ratio.tolist() == pytest.approx([0.0, 0.0, 1.5])
+    (cos.sum() + ratio.sum()).backward()
+    for grad in (inner.grad, norm_w.grad, norm_l.grad):
+        assert torch.isfinite(grad).all() and grad[:2].tolist() == [0.0, 0.0]
+    # d cos/d inner = 1/(‖g_w‖‖g_l‖), d ratio/d inner = 1/‖g_l‖² (the smaller); d cos/d‖g_w‖² = −cos/(2‖g_w‖²),
+    # d ratio/d‖g_w‖² = 0 (not the minimum), d ratio/d‖g_l‖² = −inner/‖g_l‖⁴.
+    assert inner.grad[2].item() == pytest.approx(1 / 8**0.5 + 1 / 2)
+    assert norm_w.grad[2].item() == pytest.approx(-3 / 8**0.5 / 8)
+    assert norm_l.grad[2].item() == pytest.approx(-3 / 8**0.5 / 4 - 3 / 4)
+
+
 def _record(step, regime_name, delta_w, delta_l, correct_w=True, correct_l=True, ratio=0.5):
     return {
         "step": step,

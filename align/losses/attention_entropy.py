@@ -106,9 +106,19 @@ def head_means(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean over query rows per (batch, head): values (B, H, Q), weights (B, Q) -> (B, H).
 
     A sequence with no counted row gets 0 (and should be left out by the caller via `weights.sum(-1) > 0`).
+    Rows of weight 0 are masked out (`_zero_where_unweighted`), so a NaN or inf value there (the softmax of a query
+    row with every key masked) changes neither the mean nor its gradient.
     """
     total = weights.sum(-1, keepdim=True)
-    return (values * weights.unsqueeze(1)).sum(-1) / total.clamp(min=torch.finfo(values.dtype).tiny)
+    weights = weights.unsqueeze(1)
+    weighted = _zero_where_unweighted(values, weights) * weights
+    return weighted.sum(-1) / total.clamp(min=torch.finfo(values.dtype).tiny)
+
+
+def _zero_where_unweighted(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """`values` with exactly 0 where the (broadcast) weight is 0. Multiplying by the weight alone keeps a NaN or inf
+    value there (NaN * 0 = NaN) and its NaN gradient; `torch.where` sends no gradient to the branch it drops."""
+    return torch.where(weights != 0, values, torch.zeros((), dtype=values.dtype, device=values.device))
 
 
 def entropy_band_penalty(
@@ -134,6 +144,7 @@ def entropy_band_penalty(
     num_heads = units.shape[1]
     theta = threshold.to(units.dtype).view(1, num_heads, 1)
     if convention == "code":
+        units = _zero_where_unweighted(units, weights.unsqueeze(1))  # rows that do not count may hold NaN
         target = theta * max_units.unsqueeze(1)
         deviation = units - target
         outside = deviation.abs() > tolerance * max_units.unsqueeze(1)

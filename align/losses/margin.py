@@ -280,9 +280,22 @@ def condition_ratio(inner: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_
 
     The official analysis script divides by min(‖g_w‖², ‖g_w‖²) (the chosen norm twice); the intended and used
     denominator here is the minimum over both responses.
+
+    Defined as 0 where min(‖g_w‖², ‖g_l‖²) = 0 (0/0 otherwise), as `cosine` is: then ⟨g_w, g_l⟩ = 0 by
+    Cauchy-Schwarz and the two gradients share no direction. The ratio alone does not give the regime of such a pair
+    (a zero g_w cannot rise); `first_order_deltas` does. The gradient there is 0 as well, not NaN.
     """
-    return inner / torch.minimum(chosen_norm_sq, rejected_norm_sq)
+    denominator = torch.minimum(chosen_norm_sq, rejected_norm_sq)
+    return inner * _inverse_or_zero(denominator)
 
 
 def cosine(inner: torch.Tensor, chosen_norm_sq: torch.Tensor, rejected_norm_sq: torch.Tensor) -> torch.Tensor:
-    return inner / (chosen_norm_sq * rejected_norm_sq).sqrt()
+    """cos(g_w, g_l) = ⟨g_w, g_l⟩ / (‖g_w‖ ‖g_l‖), from the inner product and the two squared norms.
+
+    Defined as 0 where either norm is 0 (0/0 otherwise): a zero vector is orthogonal to every vector. The square
+    roots are taken of the positive norms only, so the gradient there is 0 as well, not NaN (d√x/dx is infinite at 0).
+    """
+    positive = (chosen_norm_sq > 0) & (rejected_norm_sq > 0)
+    safe_w = torch.where(positive, chosen_norm_sq, torch.ones_like(chosen_norm_sq))
+    safe_l = torch.where(positive, rejected_norm_sq, torch.ones_like(rejected_norm_sq))
+    return torch.where(positive, inner / (safe_w.sqrt() * safe_l.sqrt()), torch.zeros_like(inner))

@@ -66,24 +66,30 @@ def update_coefficients(
     return "assumed_equal", ones, ones
 
 
-def _finite(value: float) -> float | None:
-    return value if math.isfinite(value) else None
+def _defined(value: float, both_norms_positive: bool) -> float | None:
+    return value if both_norms_positive and math.isfinite(value) else None
 
 
 def first_order_prediction(geometry: PairGeometry, d_w: torch.Tensor, d_l: torch.Tensor) -> list[dict]:
-    """Per pair: the geometry (inner product, squared norms, cosine, condition ratio; None where not finite, e.g. a
-    zero norm), the first-order Δlog π_w and Δlog π_l per unit step, and the predicted regime."""
+    """Per pair: the geometry (inner product, squared norms, cosine, condition ratio), the first-order Δlog π_w and
+    Δlog π_l per unit step, and the predicted regime.
+
+    Cosine and condition ratio are None for a pair with a zero gradient norm (and where not finite): the pure
+    functions define them as 0 there, but a record's None keeps such pairs out of the run's mean cosine and ratio
+    (`report.summarize`) instead of pulling the means toward 0.
+    """
     inner, norm_w, norm_l = geometry.inner, geometry.chosen_norm_sq, geometry.rejected_norm_sq
     pred_w, pred_l = first_order_deltas(d_w, d_l, inner, norm_w, norm_l)
     ratio = condition_ratio(inner, norm_w, norm_l)
     cos = cosine(inner, norm_w, norm_l)
+    positive = ((norm_w > 0) & (norm_l > 0)).tolist()
     return [
         {
             "inner": float(inner[k]),
             "norm_chosen_sq": float(norm_w[k]),
             "norm_rejected_sq": float(norm_l[k]),
-            "cosine": _finite(float(cos[k])),
-            "condition_ratio": _finite(float(ratio[k])),
+            "cosine": _defined(float(cos[k]), positive[k]),
+            "condition_ratio": _defined(float(ratio[k]), positive[k]),
             "pred_delta_chosen": float(pred_w[k]),
             "pred_delta_rejected": float(pred_l[k]),
             "regime": regime(float(pred_w[k]), float(pred_l[k])),
