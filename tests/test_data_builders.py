@@ -155,3 +155,119 @@ def test_plain_completions_continue_the_prompt_the_way_trl_joins_them(tiny_model
     assert rows[1]["completion"] == " Reference: $\\boxed{1}$"  # a reference row joins like sft_rows
     (pair,) = pair_rows(sampled, style="plain")[0]
     assert pair["chosen"] == generated and pair["rejected"] == "p-1-incorrect"
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+USER = {"role": "user", "content": "1+1?"}
+
+
+def turn(content: str) -> list[dict]:
+    return [{"role": "assistant", "content": content}]
+
+
+STRING_PAIR = {"prompt": "Q: 1+1? A:", "chosen": " 2", "rejected": " 3"}
+CHAT_PAIR = {"prompt": [USER], "chosen": turn("2"), "rejected": turn("3")}
+IMPLICIT_CHAT_PAIR = {"chosen": [USER, *turn("2")], "rejected": [USER, *turn("3")]}
+IMPLICIT_STRING_PAIR = {"chosen": "Q: 1+1? A: 2", "rejected": "Q: 1+1? A: 3"}
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "field", "reason"),
+    [
+        (STRING_PAIR, {**STRING_PAIR, "rejected": " 2"}, "rejected", "is identical to 'chosen'"),
+        (STRING_PAIR, {**STRING_PAIR, "chosen": " "}, "chosen", "is empty"),
+        (STRING_PAIR, {**STRING_PAIR, "rejected": None}, "rejected", "is empty"),
+        (STRING_PAIR, {"prompt": "Q: 1+1? A:", "chosen": " 2"}, "rejected", "is empty"),
+        (CHAT_PAIR, {**CHAT_PAIR, "rejected": turn("2")}, "rejected", "is identical to 'chosen'"),
+        (CHAT_PAIR, {**CHAT_PAIR, "chosen": turn("")}, "chosen", "is empty"),
+        (CHAT_PAIR, {**CHAT_PAIR, "rejected": []}, "rejected", "is empty"),
+        (IMPLICIT_CHAT_PAIR, {**IMPLICIT_CHAT_PAIR, "rejected": [USER]}, "rejected", "is a prefix of the other side"),
+        (IMPLICIT_CHAT_PAIR, {**IMPLICIT_CHAT_PAIR, "chosen": [USER, *turn("3")]}, "rejected", "is identical"),
+        (IMPLICIT_STRING_PAIR, {**IMPLICIT_STRING_PAIR, "chosen": "Q: 1+1? A:"}, "chosen", "is a prefix"),
+    ],
+)
+def test_unusable_preference_pairs_are_rejected_with_their_row_index_or_skipped_and_counted(
+    tmp_path, caplog, good, bad, field, reason
+):
+    """A pair with identical sides trains to a zero gradient (loss log 2 throughout) and one with an empty side has
+    nothing to prefer: a file in preference format names the row (index 1 here), the field and what to do, or with
+    skip_invalid the row is skipped and counted, in the string and the conversational formats."""
+    from align.data.schema import InvalidRowError
+    from align.data.training import build_datasets
+
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [good, bad, good])
+    with pytest.raises(InvalidRowError) as error:
+        build_datasets("preference", DataArguments(dataset_name=str(path)), seed=0)
+    message = str(error.value)
+    assert message.startswith(f"{path}: row 1, field '{field}'") and reason in message
+    assert "--skip_invalid" in message and "\n" not in message
+    with caplog.at_level("WARNING", logger="align.data"):
+        train, _ = build_datasets("preference", DataArguments(dataset_name=str(path), skip_invalid=True), seed=0)
+    assert len(train) == 2 and train[0]["chosen"] == good["chosen"]
+    assert f"skipped 1 invalid preference pairs of {path}" in caplog.text
+
+
+def test_a_pair_side_of_another_type_or_a_row_that_is_no_object_is_named():
+    """Rows given in memory (a file's reader makes one type per column): the field, its value and what was expected."""
+    from align.data.schema import InvalidRowError
+    from align.data.training import checked_preference_rows, preference_pair_error
+
+    assert preference_pair_error({**STRING_PAIR, "chosen": 2}) == (
+        "chosen",
+        2,
+        "expected a string or a list of messages, got int",
+    )
+    assert preference_pair_error(["a", "b"])[0] == "<row>"
+    with pytest.raises(InvalidRowError, match=r"^pairs: row 1, field 'rejected' = 2: expected a string"):
+        checked_preference_rows([STRING_PAIR, {**STRING_PAIR, "rejected": 2}], "pairs")
+
+
+def test_skipped_pairs_do_not_count_toward_the_sample_limit(tmp_path):
+    from align.data.training import build_datasets
+
+    same = {**STRING_PAIR, "rejected": STRING_PAIR["chosen"]}
+    path = _write_jsonl(tmp_path / "pairs.jsonl", [same, STRING_PAIR, same, STRING_PAIR, STRING_PAIR])
+    args = DataArguments(dataset_name=str(path), skip_invalid=True, max_train_samples=2)
+    train, _ = build_datasets("preference", args, seed=0)
+    assert train.to_list() == [STRING_PAIR, STRING_PAIR]
+
+
+def test_pairs_built_from_problems_without_a_solution_are_rejected_or_skipped(tmp_path):
+    """Offline pairs take the problem's solution as 'chosen': an answer-only problem gives an empty side."""
+    from align.data.schema import InvalidRowError
+    from align.data.training import build_datasets
+
+    path = _write_jsonl(
+        tmp_path / "problems.jsonl",
+        [
+            {"id": "worked", "problem": "What is $2+2$?", "answer": "4", "solution": "$2+2=4$.\n\n$\\boxed{4}$"},
+            {"id": "answer-only", "problem": "What is $3+3$?", "answer": "6"},
+        ],
+    )
+    with pytest.raises(InvalidRowError, match="row 1, field 'chosen'.*is empty.*pair id 'answer-only'") as error:
+        build_datasets("preference", DataArguments(dataset_name=str(path)), seed=0)
+    assert str(error.value).startswith(f"preference pairs built from {path}")
+    assert "align data pairs" in str(error.value)
+    train, _ = build_datasets("preference", DataArguments(dataset_name=str(path), skip_invalid=True), seed=0)
+    assert train["id"] == ["worked"]
+
+
+def test_pairs_leave_out_empty_and_identical_traces_and_count_them():
+    """`align data pairs` writes no unusable pair: empty traces and wrong traces equal to a correct one are not
+    paired, and the counts (printed and in summary.json) say how many."""
+    from align.data.training import preference_pair_error
+
+    sampled = record("p", ["correct", "incorrect", "correct", "incorrect", "no_answer", "correct"])
+    texts = ["right", "right", "   ", "wrong", "", "other right"]  # "right" was graded both ways
+    for sample, text in zip(sampled["samples"], texts, strict=True):
+        sample["completion"] = text
+    rows, counts = pair_rows([sampled], style="plain")
+    assert [(r["chosen"], r["rejected"]) for r in rows] == [("right", "wrong")]
+    assert counts["empty_completions_not_paired"] == 2 and counts["identical_completions_not_paired"] == 1
+    assert all(preference_pair_error(row) is None for row in rows)
+    _, clean = pair_rows(RECORDS)
+    assert "empty_completions_not_paired" not in clean and "identical_completions_not_paired" not in clean

@@ -74,12 +74,28 @@ def coverage_rows(
 def pair_rows(
     records: list[dict], *, instruction: str | None = DEFAULT_INSTRUCTION, style: str = "chat"
 ) -> tuple[list[dict], dict]:
-    """Each correct trace paired with an incorrect trace of the same problem, zipped to min(c, wrong) pairs."""
+    """Each correct trace paired with an incorrect trace of the same problem, zipped to min(c, wrong) pairs.
+
+    Only usable traces are paired (the skip counts are over them): an empty or whitespace-only trace (a pair with it
+    has nothing to prefer; counted as `empty_completions_not_paired`) is left out, and so is an incorrect trace whose
+    text is also among the correct ones (a pair of identical sides trains to a zero gradient; counted as
+    `identical_completions_not_paired`), so every row passes `align.data.training.preference_pair_error`.
+    """
     rows, counts = [], Counter()
     for record in records:
         correct, wrong, unknown = _split(record)
         counts["problems"] += 1
         counts["samples_with_unknown_label"] += unknown
+        usable_correct = [trace for trace in correct if trace.strip()]
+        usable_wrong = [trace for trace in wrong if trace.strip()]
+        correct_texts = set(usable_correct)
+        distinct_wrong = [trace for trace in usable_wrong if trace not in correct_texts]
+        left_out = {
+            "empty_completions_not_paired": len(correct) + len(wrong) - len(usable_correct) - len(usable_wrong),
+            "identical_completions_not_paired": len(usable_wrong) - len(distinct_wrong),
+        }
+        counts.update({name: n for name, n in left_out.items() if n})  # the printed counts name what happened
+        correct, wrong = usable_correct, distinct_wrong
         if not wrong:
             counts["skipped_all_correct" if correct else "skipped_no_labelled_sample"] += 1
             continue
