@@ -106,8 +106,10 @@ def test_eval_writes_samples_summary_and_plot(tiny_run):
     records = [json.loads(line) for line in (output_dir / "samples.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(len(r["samples"]) == 4 for r in records)
     assert summary["ks"] == [1, 2, 4] and set(summary["metrics"]) == {
-        f"{m}@{k}" for m in ("pass", "maj") for k in (1, 2, 4)
+        f"{m}@{k}" for m in ("pass", "pass_all", "maj") for k in (1, 2, 4)
     }
+    assert set(summary["ci95"]) == set(summary["stderr"]) == set(summary["metrics"])
+    assert all(low <= summary["metrics"][key] <= high for key, (low, high) in summary["ci95"].items())
     assert summary["samples"]["total"] == 12 and summary["by_level"]["1"]["num_problems"] == 3
     assert summary["sampling"] == {"n": 4, "temperature": 0.6, "top_p": 0.95, "max_new_tokens": 8, "seed": 0}
     assert summary["versions"]["torch"] == torch.__version__.split("+")[0] or summary["versions"]["torch"]
@@ -517,13 +519,14 @@ def test_smollm2_greedy_generation_does_not_depend_on_batching(smollm2_path):
 
 def test_printed_metrics_follow_the_report_families():
     from align.commands.eval import format_metrics
-    from align.evaluation.report import METRIC_FAMILIES
+    from align.evaluation.report import METRIC_FAMILIES, SCORED_FAMILIES
 
     metrics = {f"{family}@{k}": 0.5 for family in METRIC_FAMILIES for k in (1, 2)}
     lines = format_metrics({"metrics": metrics, "ks": [1, 2]}).splitlines()
     assert [line.split(":")[0].strip() for line in lines] == list(METRIC_FAMILIES)
-    unscored = {key: value for key, value in metrics.items() if key.startswith(("pass", "maj"))}
-    assert len(format_metrics({"metrics": unscored, "ks": [1, 2]}).splitlines()) == 2
+    unscored = {key: value for key, value in metrics.items() if key.split("@")[0] not in SCORED_FAMILIES}
+    lines = format_metrics({"metrics": unscored, "ks": [1, 2]}).splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == ["pass", "pass_all", "maj"]
 
 
 def test_prm_aggregates_are_the_losses_list(tmp_path):

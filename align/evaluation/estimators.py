@@ -1,18 +1,23 @@
-"""Per-problem estimators of sampling metrics from n graded samples: pass@k, maj@k, bon@k, weighted maj@k.
+"""Per-problem estimators of sampling metrics from n graded samples: pass@k, pass^k, maj@k, bon@k, weighted maj@k.
 
 Every function scores ONE problem from its n samples; a benchmark score is the mean over problems. All are pure
-(numpy and the standard library), deterministic for a given seed, and exact whenever exactness is affordable.
+(numpy and the standard library) and deterministic for a given seed; all but weighted maj@k are exact expectations
+over the C(n, k) draws of k samples without replacement.
 
 - pass@k (Chen et al. 2021, "Evaluating Large Language Models Trained on Code", the Codex paper): the probability
   that at least one of k samples drawn without replacement from the n is correct, 1 - C(n-c, k) / C(n, k), computed
   as the product 1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms a large binomial.
+- pass^k (Yao et al. 2024, "tau-bench", their pass^k): the probability that ALL k drawn samples are correct,
+  C(c, k) / C(n, k) = prod_{i=0}^{k-1} (c-i)/(n-i); a consistency measure that falls with k where pass@k rises.
 - bon@k (best-of-k): draw k of the n samples, keep the one with the highest score, count whether it is correct.
   The expectation over all C(n, k) draws is computed exactly (see `bon_at_k`).
 - maj@k (majority vote, "self-consistency", Wang et al. 2023): draw k samples, take the answer given most often,
-  count whether it is correct. weighted maj@k (Yuan et al. 2024, "Free Process Rewards without Process Labels",
-  their "w/ sc"): the same vote with each sample weighted by sigmoid(score). Both are averaged over k-subsets: all
-  C(n, k) of them when there are at most `num_subsets`, else `num_subsets` subsets drawn uniformly with
-  `numpy.random.default_rng(seed)`; so maj@n (one subset) is always exact.
+  count whether it is correct. Exact for any n and k from the answer-group counts (see `maj_at_k`).
+- weighted maj@k (Yuan et al. 2024, "Free Process Rewards without Process Labels", their "w/ sc"): the same vote
+  with each sample weighted by sigmoid(score). A draw's vote depends on WHICH samples it holds, not only on how
+  many of each group, so no count-based formula applies: it is averaged over all C(n, k) subsets when there are at
+  most `num_subsets`, else over `num_subsets` subsets drawn uniformly with `numpy.random.default_rng(seed)`; so
+  weighted maj@n (one subset) is always exact.
 
 Ties: when several answers (or best scores) tie, the draw's credit is the fraction of the tied candidates that are
 correct, i.e. a uniformly random tie-break, in expectation. Samples without an answer (group None) do not vote; a
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +42,11 @@ def _check_k(n: int, k: int) -> None:
         raise ValueError(f"k must be in [1, n] = [1, {n}], got k={k}")
 
 
+def _check_c(n: int, c: int) -> None:
+    if not 0 <= c <= n:
+        raise ValueError(f"c must be in [0, n] = [0, {n}], got c={c}")
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from n samples of which c are correct: 1 - C(n-c, k) / C(n, k).
 
@@ -45,11 +56,22 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     product of c factors stays within 1e-10 there, and checks its input instead of returning NaN.
     """
     _check_k(n, k)
-    if not 0 <= c <= n:
-        raise ValueError(f"c must be in [0, n] = [0, {n}], got c={c}")
+    _check_c(n, c)
     if n - c < k:  # every k-subset holds a correct sample
         return 1.0
     return 1.0 - float(np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def pass_all_at_k(n: int, c: int, k: int) -> float:
+    """pass^k: the probability that all k samples drawn without replacement are correct, C(c, k) / C(n, k).
+
+    Computed as the product prod_{i=0}^{k-1} (c-i)/(n-i) of k factors in [0, 1] (no large binomial); 0 if c < k.
+    """
+    _check_k(n, k)
+    _check_c(n, c)
+    if c < k:
+        return 0.0
+    return float(np.prod((c - np.arange(k)) / (n - np.arange(k))))
 
 
 def bon_at_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float:
@@ -78,20 +100,100 @@ def bon_at_k(scores: Sequence[float], correct: Sequence[bool], k: int) -> float:
     return value
 
 
-def maj_at_k(
-    answer_groups: Sequence[int | None],
-    correct_groups: set[int] | Sequence[bool],
-    k: int,
-    seed: int = 0,
-    num_subsets: int = DEFAULT_NUM_SUBSETS,
-) -> float:
-    """Majority-vote accuracy over k-subsets of the n samples.
+def maj_at_k(answer_groups: Sequence[int | None], correct_groups: set[int] | Sequence[bool], k: int) -> float:
+    """Majority-vote accuracy: its exact expectation over all C(n, k) draws, from the answer-group counts.
 
     `answer_groups[i]` is the id of the equivalence class of sample i's extracted answer (None: no answer);
     `correct_groups` is the set of ids whose answer is correct, or a per-sample list of correctness from which the
-    correct groups are read off.
+    correct groups are read off. The formula is derived in `majority_from_counts`.
     """
-    return weighted_maj_at_k(answer_groups, None, correct_groups, k, seed, num_subsets)
+    n = len(answer_groups)
+    _check_k(n, k)
+    correct_set = _correct_group_set(answer_groups, correct_groups)
+    counts = Counter(group for group in answer_groups if group is not None)
+    groups = [(size, group in correct_set) for group, size in counts.items()]
+    return majority_from_counts(groups, n - sum(counts.values()), k)
+
+
+def majority_from_counts(groups: Sequence[tuple[int, bool]], abstained: int, k: int) -> float:
+    """Exact maj@k of a problem whose voting samples form `groups` = [(size a_g, correct?)] plus `abstained`
+    samples without an answer, for draws of k of the n = abstained + sum a_g samples without replacement.
+
+    A draw takes x_g samples from group g; its credit is |W ∩ correct| / |W| with W = {g : x_g = M}, M = max_g x_g,
+    and 0 when M = 0. Derivation:
+
+    1. Thinning. Keep every sample independently with probability θ = k/n: then x_g ~ Binomial(a_g, θ)
+       independently, the kept total S ~ Binomial(n, θ), and given S = k the kept set is a uniform k-subset. So
+       maj@k = E[credit · 1{S = k}] / P(S = k). (Any θ in (0, 1] gives the same value; θ = k/n puts S = k at the
+       mode, so no term under- or overflows where C(n, k) would exceed a float.)
+    2. Ties as an integral. 1/|W| = ∫_0^1 u^(|W|-1) du, and credit = Σ_{h correct} 1{x_h = M} / |W|. Sum over the
+       winning count m = 1..k: with, per group, L_g(z) = Σ_{x<m} P(x_g = x) z^x (below m) and
+       E_g(z) = P(x_g = m) z^m (at m), the generating function of the draws where h ties at the top with j others
+       is E_h Π_{g≠h} (L_g + u E_g) (u counts the others at m), so
+       E[credit · 1{S = k}] = Σ_m ∫_0^1 [z^k] Σ_{h correct} E_h Π_{g≠h} (L_g + u E_g) du,
+       and ∫_0^1 u^j du = 1/(j+1) turns the coefficient of u^j into its share of the credit.
+    3. A group with a_g < m never reaches m: its factor is its whole Binomial(a_g, θ), and together with the
+       abstainers these form one Binomial(rest, θ) factor in closed form. Only the groups with a_g >= m (at most
+       n/m of them) enter the product, which is built one group at a time with the product rule: A = Π (L + uE),
+       D = Σ_h E_h Π_{g≠h} (L + uE) (h over the correct groups so far), truncated at degree k in z and k/m in u.
+
+    Cost: for each m up to the largest correct group, one polynomial product per group of size >= m, about
+    n·k²·ln k multiply-adds in all; milliseconds for n = 64 and well under a second for n = k = 256.
+    """
+    n = abstained + sum(size for size, _ in groups)
+    _check_k(n, k)
+    top = max((size for size, correct in groups if correct), default=0)  # credit needs a correct group at M
+    theta = k / n
+    pmfs = {size: _binomial_pmf(size, theta) for size, _ in groups}
+    value = 0.0
+    for m in range(1, min(k, top) + 1):
+        reaching = [(size, correct) for size, correct in groups if size >= m]
+        rest = n - sum(size for size, _ in reaching)
+        width = min(len(reaching), k // m) + 1  # powers of u that can still meet z^k
+        product = np.zeros((width, k + 1))  # A[j, s]: coefficient of u^j z^s
+        product[0, 0] = 1.0
+        credited = np.zeros_like(product)  # D
+        for size, correct in reaching:
+            below, at = pmfs[size][:m], pmfs[size][m]
+            updated = _times_factor(credited, below, at, m)
+            if correct:
+                updated[:, m:] += at * product[:, : k + 1 - m]
+            product, credited = _times_factor(product, below, at, m), updated
+        shares = (1.0 / np.arange(1, width + 1)) @ credited  # ∫ u^j du, per z-degree s
+        # [z^k] of (the product) × Binomial(rest, θ): the other k - s kept samples are among the `rest`
+        low = max(0, k - rest)
+        value += float(shares[low:] @ _binomial_pmf(rest, theta)[k - low :: -1])
+    return value / float(_binomial_pmf(n, theta)[k])
+
+
+def _binomial_pmf(size: int, theta: float) -> np.ndarray:
+    """P(X = x) for x = 0..size, X ~ Binomial(size, θ), as exp(log C(size, x) + x log θ + (size-x) log(1-θ)).
+
+    log C(size, x) is the log of the exact integer (built up as C(size, x+1) = C(size, x)·(size-x)/(x+1)): no float
+    overflow where C(size, x) > 1e308, and 1e-14 relative accuracy where a log-gamma difference loses 1e-12.
+    """
+    x = np.arange(size + 1)
+    if theta >= 1.0:
+        return (x == size).astype(float)
+    log_binomial, binomial = np.empty(size + 1), 1
+    for i in range(size + 1):
+        log_binomial[i] = math.log(binomial)
+        binomial = binomial * (size - i) // (i + 1)
+    return np.exp(log_binomial + x * math.log(theta) + (size - x) * math.log1p(-theta))
+
+
+def _times_factor(poly: np.ndarray, below: np.ndarray, at: float, m: int) -> np.ndarray:
+    """poly(u, z) · (L(z) + u·at·z^m) with L(z) = Σ_x below[x] z^x, truncated to poly's shape (u-rows, z-columns).
+
+    The z-convolution of every row is one `np.convolve` of the rows laid end to end, each padded with len(below)-1
+    zeros so that no row's product runs into the next one.
+    """
+    rows, columns = poly.shape
+    padded = np.zeros((rows, columns + len(below) - 1))
+    padded[:, :columns] = poly
+    out = np.convolve(padded.ravel(), below)[: padded.size].reshape(padded.shape)[:, :columns]
+    out[1:, m:] += at * poly[:-1, : columns - m]
+    return out
 
 
 def weighted_maj_at_k(
@@ -104,8 +206,11 @@ def weighted_maj_at_k(
 ) -> float:
     """Weighted majority vote over k-subsets: each sample votes for its answer with weight sigmoid(score).
 
-    With `scores=None` every weight is 1 (plain `maj_at_k`).
+    Averaged over all k-subsets if there are at most `num_subsets`, else over `num_subsets` random ones (seeded);
+    with `scores=None` every weight is 1, which is plain maj@k, computed exactly by `maj_at_k`.
     """
+    if scores is None:
+        return maj_at_k(answer_groups, correct_groups, k)
     n = len(answer_groups)
     _check_k(n, k)
     correct_set = _correct_group_set(answer_groups, correct_groups)
@@ -116,15 +221,12 @@ def weighted_maj_at_k(
     ids = {group: index for index, group in enumerate(dict.fromkeys(answer_groups[i] for i in voters))}
     group_of = np.array([ids.get(group, 0) for group in answer_groups])
     weights = np.zeros(n)
-    if scores is None:
-        weights[voters] = 1.0
-    else:
-        if len(scores) != n:
-            raise ValueError(f"scores must have one entry per sample ({n}), got {len(scores)}")
-        values = np.asarray(scores, dtype=float)
-        if np.isnan(values[voters]).any():
-            raise ValueError("scores contain NaN; a scorer must return a number for every sample")
-        weights[voters] = 1.0 / (1.0 + np.exp(-values[voters]))
+    if len(scores) != n:
+        raise ValueError(f"scores must have one entry per sample ({n}), got {len(scores)}")
+    values = np.asarray(scores, dtype=float)
+    if np.isnan(values[voters]).any():
+        raise ValueError("scores contain NaN; a scorer must return a number for every sample")
+    weights[voters] = 1.0 / (1.0 + np.exp(-values[voters]))
     is_correct_group = np.array([group in correct_set for group in ids], dtype=float)
 
     subsets = _subsets(n, k, seed, num_subsets)  # (S, k) sample indices

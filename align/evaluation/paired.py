@@ -6,7 +6,8 @@ two independent means: problem difficulty is shared by both arms, so the varianc
 smaller than the sum of the arms' variances. The paired bootstrap (Efron & Tibshirani 1993, ch. 16; the standard
 for comparing systems on one test set, e.g. Koehn 2004 for MT) resamples problems with replacement B times and
 takes the mean of d_i = metric_B(i) - metric_A(i) over each resample; the 2.5 % and 97.5 % quantiles of those
-means are the 95 % interval. An interval that contains 0 means the difference is "not shown" at this size.
+means are the 95 % interval (`align.evaluation.bootstrap`, which also gives summary.json's `ci95`). An interval
+that contains 0 means the difference is "not shown" at this size.
 
 Per-problem metrics come from `align.evaluation.report.problem_metrics` over each record's n graded samples (unbiased
 pass@k, maj@k, ...), so the comparison uses exactly the numbers `summary.json` averages.
@@ -19,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from align.evaluation.bootstrap import DEFAULT_RESAMPLES, percentile_interval
 from align.evaluation.estimators import DEFAULT_NUM_SUBSETS
 from align.evaluation.records import read_records
-from align.evaluation.report import METRIC_FAMILIES, problem_metrics
-
-
-DEFAULT_RESAMPLES = 10_000
+from align.evaluation.report import METRIC_FAMILIES, SCORED_FAMILIES, problem_metrics
 
 
 def per_problem(records: list[dict], name: str) -> dict[str, float]:
@@ -37,7 +36,7 @@ def per_problem(records: list[dict], name: str) -> dict[str, float]:
         n = len(record["samples"])
         if int(k) > n:
             raise ValueError(f"{name} needs at least {k} samples; problem {record['id']!r} has {n}")
-        scored = family in {"bon", "weighted_maj"}
+        scored = family in SCORED_FAMILIES
         values[record["id"]] = problem_metrics(record, n, [int(k)], 0, DEFAULT_NUM_SUBSETS, scored)[name]
     return values
 
@@ -50,10 +49,7 @@ def paired_bootstrap(
     if a.shape != b.shape or a.ndim != 1 or not len(a):
         raise ValueError(f"need two equally long, non-empty 1-d arrays of paired values, got {a.shape} and {b.shape}")
     diff = b - a
-    rng = np.random.default_rng(seed)
-    means = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
+    low, high = percentile_interval(diff, resamples=resamples, seed=seed, level=level)
     return {
         "n": len(diff),
         "mean_a": float(a.mean()),

@@ -9,16 +9,52 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, *, title: str, ylabel: str) -> Path:
-    """One line per `label: (ks, values)`, k on a log-2 axis with every k of the longest curve as a tick."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+LINESTYLES = ("-", "--", "-.", ":")
+DODGE_OCTAVES = 0.04  # horizontal distance between neighbouring curves' points, in octaves of k
+
+
+def draw_curves(
+    axis, curves: dict[str, tuple[list[int], list[float]]], errors: dict[str, list[float]] | None = None
+) -> None:
+    """One line per `label: (ks, values)` on `axis`, with ±1 standard error bars where `errors[label]` is given.
+
+    Curves that coincide (pass@k = maj@k = bon@k is common at small k) would hide each other: each gets its own
+    marker and line style, and its points are moved a few hundredths of an octave sideways (dodged, centred on k)
+    so that every curve and its error bars stay visible; the ticks stay at the true k.
+    """
+    errors = errors or {}
+    count = len(curves)
+    for index, (label, (ks, values)) in enumerate(curves.items()):
+        shift = 2.0 ** ((index - (count - 1) / 2) * DODGE_OCTAVES)
+        axis.errorbar(
+            [k * shift for k in ks],
+            values,
+            yerr=errors.get(label),
+            marker=MARKERS[index % len(MARKERS)],
+            linestyle=LINESTYLES[index % len(LINESTYLES)],
+            markersize=4,
+            capsize=2,
+            label=label,
+        )
+
+
+def plot_curves(
+    curves: dict[str, tuple[list[int], list[float]]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    errors: dict[str, list[float]] | None = None,
+) -> Path:
+    """`draw_curves` on a log-2 k axis with every k of the longest curve as a tick, saved to `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6.4, 4.2))
-    for label, (ks, values) in curves.items():
-        axis.plot(ks, values, marker="o", label=label)
+    draw_curves(axis, curves, errors)
     ticks = max((ks for ks, _ in curves.values()), key=len, default=[1])
     axis.set_xscale("log", base=2)
     axis.set_xticks(ticks, [str(k) for k in ticks])
@@ -35,10 +71,18 @@ def plot_curves(curves: dict[str, tuple[list[int], list[float]]], path: Path, *,
     return path
 
 
+def curve_errors(summary: dict, family: str) -> list[float] | None:
+    """The standard errors of `family@k` for every k of a summary, or None when its `stderr` lacks any of them."""
+    stderr = summary.get("stderr") or {}
+    values = [stderr.get(f"{family}@{k}") for k in summary["ks"]]
+    return values if all(value is not None for value in values) else None
+
+
 def plot_family(summaries: dict[str, dict], path: Path, *, title: str, family: str = "pass") -> Path:
-    """One `family@k` curve per run (`name: summary`) against k."""
+    """One `family@k` curve per run (`name: summary`) against k, with error bars from each summary's `stderr`."""
     curves = {
         name: (summary["ks"], [summary["metrics"][f"{family}@{k}"] for k in summary["ks"]])
         for name, summary in summaries.items()
     }
-    return plot_curves(curves, path, title=title, ylabel=f"{family}@k")
+    errors = {name: curve_errors(summary, family) for name, summary in summaries.items()}
+    return plot_curves(curves, path, title=title, ylabel=f"{family}@k", errors=errors)

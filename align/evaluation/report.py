@@ -12,24 +12,37 @@ import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from align.evaluation.estimators import bon_at_k, ks_up_to, maj_at_k, pass_at_k, weighted_maj_at_k
-from align.evaluation.plots import plot_curves
+from align.evaluation.bootstrap import DEFAULT_RESAMPLES, percentile_interval
+from align.evaluation.estimators import (
+    bon_at_k,
+    ks_up_to,
+    maj_at_k,
+    pass_all_at_k,
+    pass_at_k,
+    weighted_maj_at_k,
+)
+from align.evaluation.plots import curve_errors, plot_curves
 from align.evaluation.records import PLOT_FILE, SUMMARY_FILE, write_json_atomic
 
 
-METRIC_FAMILIES = ("pass", "maj", "bon", "weighted_maj")
+# The metric families, in report order: each is reported as `FAMILY@K` for every k (summary.json, console, plot,
+# `align.evaluation.paired`). `pass_all` is pass^k (all k samples correct; `^` is kept out of JSON keys and flags).
+METRIC_FAMILIES = ("pass", "pass_all", "maj", "bon", "weighted_maj")
+SCORED_FAMILIES = ("bon", "weighted_maj")  # need a per-sample `score` (--prm or --score-field)
 _VERSIONED = ("align", "torch", "transformers", "trl", "accelerate", "datasets", "math-verify", "vllm")
 
 
 def problem_metrics(record: dict, n: int, ks: list[int], seed: int, num_subsets: int, scored: bool) -> dict:
-    """pass@k and maj@k (and with scores bon@k, weighted_maj@k) of one problem, from its first n samples."""
+    """pass@k, pass_all@k (pass^k) and maj@k (and with scores bon@k, weighted_maj@k) of one problem, from its first n
+    samples; `seed` and `num_subsets` are weighted maj@k's (the only estimate that samples subsets)."""
     samples = record["samples"][:n]
     correct = [sample["verdict"] == "correct" for sample in samples]
     groups = [sample.get("group") for sample in samples]
     metrics = {}
     for k in ks:
         metrics[f"pass@{k}"] = pass_at_k(n, sum(correct), k)
-        metrics[f"maj@{k}"] = maj_at_k(groups, correct, k, seed=seed, num_subsets=num_subsets)
+        metrics[f"pass_all@{k}"] = pass_all_at_k(n, sum(correct), k)
+        metrics[f"maj@{k}"] = maj_at_k(groups, correct, k)
         if scored:
             scores = [sample["score"] for sample in samples]
             metrics[f"bon@{k}"] = bon_at_k(scores, correct, k)
@@ -52,6 +65,13 @@ def _stderr(rows: list[dict]) -> dict:
         variance = sum((value - mean) ** 2 for value in values) / (len(values) - 1)
         out[key] = round(math.sqrt(variance / len(values)), 6)
     return out
+
+
+def _ci95(rows: list[dict], seed: int) -> dict:
+    """Percentile-bootstrap 95 % interval of each metric's mean over problems: `{metric: [low, high]}`."""
+    keys = list(rows[0])
+    low, high = percentile_interval([[row[key] for key in keys] for row in rows], seed=seed)
+    return {key: [round(float(lo), 6), round(float(hi), 6)] for key, lo, hi in zip(keys, low, high)}
 
 
 def _breakdown(records: list[dict], per_problem: list[dict], field: str) -> dict:
@@ -94,6 +114,7 @@ def summarize(
         "ks": ks,
         "metrics": _mean(per_problem),
         "stderr": _stderr(per_problem),
+        "ci95": _ci95(per_problem, seed),
         "by_level": _breakdown(records, per_problem, "level"),
         "by_subject": _breakdown(records, per_problem, "subject"),
         "samples": {
@@ -104,8 +125,15 @@ def summarize(
         },
         "estimators": {
             "pass@k": "unbiased, 1 - C(n-c,k)/C(n,k) (Chen et al. 2021)",
-            "maj@k": f"mean over all k-subsets if C(n,k) <= {num_subsets}, else {num_subsets} random (seed {seed})",
+            "pass_all@k": "pass^k, all k correct: C(c,k)/C(n,k) (Yao et al. 2024)",
+            "maj@k": "exact expectation over all k-subsets, from the answer-group counts (ties split)",
             "bon@k": "exact expectation over all k-subsets" if scored else None,
+            "weighted_maj@k": (
+                f"mean over all k-subsets if C(n,k) <= {num_subsets}, else {num_subsets} random (seed {seed})"
+                if scored
+                else None
+            ),
+            "ci95": f"percentile bootstrap over problems, {DEFAULT_RESAMPLES} resamples (seed {seed})",
         },
         "timing": {
             "generation_s": round(generation_s, 3),
@@ -128,17 +156,30 @@ def _engines(records: list[dict]) -> dict | list[dict] | None:
     return distinct[0] if len(distinct) == 1 else (distinct or None)
 
 
+def plot_title(summary: dict) -> str:
+    """ "MODEL on DATASET (P problems, n=N)"; samples graded with `--samples` and no run_config.json next to them
+    have neither, so they are named by their file instead."""
+    model, dataset = summary.get("model"), summary.get("dataset")
+    if model and dataset:
+        what = f"{model} on {dataset}"
+    elif summary.get("source"):
+        what = f"{model or 'samples'} from {Path(summary['source']).name}"
+    else:
+        what = model or dataset or "samples"
+    return f"{what} ({summary['num_problems']} problems, n={summary['n']})"
+
+
 def plot_passk(summary: dict, path: Path) -> Path:
-    """pass@k, maj@k (and bon@k, weighted maj@k when present) against k on a log-2 axis."""
+    """Every metric family present (pass@k, pass^k, maj@k, bon@k, weighted maj@k) against k on a log-2 axis, with
+    error bars of one standard error (summary `stderr`)."""
     ks = summary["ks"]
-    curves = {}
+    curves, errors = {}, {}
     for family in METRIC_FAMILIES:
         values = [summary["metrics"].get(f"{family}@{k}") for k in ks]
         if all(value is not None for value in values):
             curves[f"{family}@k"] = (ks, values)
-    model, dataset = summary.get("model", "?"), summary.get("dataset", "?")
-    title = f"{model} on {dataset} ({summary['num_problems']} problems, n={summary['n']})"
-    return plot_curves(curves, path, title=title, ylabel="accuracy")
+            errors[f"{family}@k"] = curve_errors(summary, family)
+    return plot_curves(curves, path, title=plot_title(summary), ylabel="accuracy", errors=errors)
 
 
 def write_report(summary: dict, output_dir: Path, plot: bool = True) -> None:
