@@ -4,8 +4,9 @@
 - `generation`: what a backend is given and returns; `hf_backend`, `vllm_backend`: the two engines;
   `backends`: the registry by name, `auto`, and the engines' options; `sampling`: per-sequence seeded sampling;
 - `sample_and_grade`: problems -> graded records in one process; `grouping`: verdicts and answer groups;
-- `runs`: run directories, resumable and sharded over processes; `scoring`: implicit-PRM scores;
-- `records`: the samples.jsonl format; `estimators`: pass@k, maj@k, bon@k; `report`, `plots`: summary.json and
-  curves; `paired`: paired comparison of two runs;
+- `runs`: run directories, resumable and sharded over processes; `scoring`: implicit-PRM scores, or scores read
+  from a samples file (`--score-field`);
+- `records`: the samples.jsonl format; `estimators`: pass@k, pass^k, maj@k, bon@k; `report`, `plots`: summary.json
+  and curves; `bootstrap`: percentile-bootstrap intervals over problems; `paired`: paired comparison of two runs;
 - `harness`: `run_eval` and `regrade_samples`, the pipeline end to end.
 """
