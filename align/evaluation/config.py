@@ -172,10 +172,20 @@ class EvalConfig(SamplingRunArguments):
     )
     maj_num_subsets: int = field(
         default=1000,
-        metadata={"help": "maj@k averages over all k-subsets if there are at most this many, else this many."},
+        metadata={
+            "help": "weighted_maj@k averages over all k-subsets if there are at most this many, else this many "
+            "random ones (maj@k, bon@k, pass@k are exact)."
+        },
     )
     prm: str | None = field(
         default=None, metadata={"help": "Implicit PRM (align.prm) to score samples: adds bon@k, weighted_maj@k."}
+    )
+    score_field: str | None = field(
+        default=None,
+        metadata={
+            "help": "With --samples: read each sample's score from this field of the samples file (an external "
+            "ORM's/PRM's), instead of scoring with --prm: adds bon@k, weighted_maj@k."
+        },
     )
     prm_ref: str | None = field(default=None, metadata={"help": "Reference model of the PRM (default: its own)."})
     prm_aggregate: str = field(default="min", metadata={"help": f"Step rewards -> sample score: one of {AGGREGATES}."})
@@ -195,6 +205,15 @@ class EvalConfig(SamplingRunArguments):
             raise ValueError(f"prm_aggregate must be one of {AGGREGATES}, got {self.prm_aggregate!r}")
         if self.maj_num_subsets < 1:
             raise ValueError(f"maj_num_subsets must be >= 1, got {self.maj_num_subsets}")
+        if self.score_field is not None and not self.samples:
+            raise ValueError(
+                f"score_field {self.score_field!r} reads scores from a samples file: add --samples FILE (to score "
+                "samples generated here, use --prm)"
+            )
+        if self.score_field is not None and self.prm:
+            raise ValueError(
+                f"score_field {self.score_field!r} and prm {self.prm!r} both give the samples' scores: use one"
+            )
 
 
 def _default_device() -> str:

@@ -25,7 +25,7 @@ from align.evaluation.records import (
 )
 from align.evaluation.report import summarize, write_report
 from align.evaluation.runs import collect_samples
-from align.evaluation.scoring import fill_missing_prompts, score_if_asked
+from align.evaluation.scoring import fill_missing_prompts, score_if_asked, scores_from_field
 from align.grading import Grader
 
 
@@ -71,11 +71,19 @@ def _with_extras(output_dir: Path, records: list[dict]) -> list[dict]:
 
 
 def regrade_samples(config) -> dict:
-    """`align eval --samples FILE`: re-grade (and with --prm re-score) existing generations; no model is loaded."""
+    """`align eval --samples FILE`: re-grade (and with --prm re-score) existing generations; no model is loaded.
+
+    With `--score-field NAME` the samples' scores are read from the file's field NAME instead of a PRM.
+    """
     source = Path(config.samples)
     if not source.is_file():
         raise FileNotFoundError(f"--samples {source}: no such file")
-    records = [normalize_record(record, str(source), line) for line, record in read_jsonl(source)]
+    records = []
+    for line, raw in read_jsonl(source):
+        record = normalize_record(raw, str(source), line)
+        if config.score_field is not None:
+            scores_from_field(record, config.score_field, f"{source}: line {line}")
+        records.append(record)
     if not records:
         raise ValueError(f"--samples {source} holds no records")
     output_dir = Path(config.output_dir) if config.output_dir else source.parent
@@ -96,7 +104,7 @@ def regrade_samples(config) -> dict:
         n=n,
         seed=config.seed,
         num_subsets=config.maj_num_subsets,
-        meta={**meta, "source": str(source), "prm": prm},
+        meta={**meta, "source": str(source), "prm": prm, "score_field": config.score_field},
     )
     write_report(summary, output_dir, plot=config.plot)
     return summary

@@ -1,10 +1,14 @@
-"""Scoring samples with an implicit PRM (`align.prm`): a `score` and `step_rewards` per sample, for bon@k and
-weighted maj@k. The PRM is imported only when one is asked for; any object with a `score` method works.
+"""Per-sample scores for bon@k and weighted maj@k: from an implicit PRM (`align.prm`: a `score` and `step_rewards`
+per sample; imported only when one is asked for, and any object with a `score` method works), or read from a field
+of a samples file that an external ORM/PRM scored (`--score-field`).
 """
 
 from __future__ import annotations
 
+import math
+
 from align.data.prompts import render_prompt
+from align.evaluation.records import SamplesFileError
 
 
 def prm_descriptor(path: str, ref: str | None, aggregate: str, beta: float | None) -> dict:
@@ -89,6 +93,26 @@ def score_if_asked(config, records: list[dict]) -> dict | None:
         progress=config.progress,
     )
     return descriptor
+
+
+def scores_from_field(record: dict, field: str, where: str) -> None:
+    """`--score-field FIELD`: every sample's `score` is its number in `field`, scored elsewhere; `where` names the
+    record's file and line for the error a missing or non-numeric value gets (none is guessed: a missing score would
+    silently rank a sample last or first)."""
+    for index, sample in enumerate(record["samples"]):
+        if field not in sample:
+            raise SamplesFileError(
+                f"{where}: problem {record['id']!r}, sample index {index} (from 0) has no field {field!r}; "
+                f"--score-field {field} needs a number there in every sample (or leave out --score-field)"
+            )
+        value = sample[field]
+        if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+            raise SamplesFileError(
+                f"{where}: problem {record['id']!r}, sample index {index} (from 0): field {field!r} is "
+                f"{value!r:.60} ({type(value).__name__}), not a number; --score-field needs a number in every sample"
+            )
+        sample["score"] = float(value)
+    record["scored_with"] = {"score_field": field}
 
 
 def fill_missing_prompts(records: list[dict], config) -> None:
