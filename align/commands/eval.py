@@ -31,6 +31,8 @@ def parse(argv: list[str]):
 
 
 def format_metrics(summary: dict) -> str:
+    """One line per metric family of the summary (`align.evaluation.report.METRIC_FAMILIES`; `pass_all` is pass^k,
+    all k samples correct), each with its value at every reported k."""
     from align.evaluation.report import METRIC_FAMILIES
 
     metrics = summary["metrics"]
