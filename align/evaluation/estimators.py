@@ -26,6 +26,7 @@ draw where nobody votes counts 0.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import Counter
@@ -138,61 +139,66 @@ def majority_from_counts(groups: Sequence[tuple[int, bool]], abstained: int, k: 
        D = Σ_h E_h Π_{g≠h} (L + uE) (h over the correct groups so far), truncated at degree k in z and k/m in u.
 
     Cost: for each m up to the largest correct group, one polynomial product per group of size >= m, about
-    n·k²·ln k multiply-adds in all; milliseconds for n = 64 and well under a second for n = k = 256.
+    n·k²·ln k multiply-adds in all: here ~10 ms for every reported k of one problem at n = 64, ~50 ms at n = 256
+    with 30 answer groups.
     """
     n = abstained + sum(size for size, _ in groups)
     _check_k(n, k)
     top = max((size for size, correct in groups if correct), default=0)  # credit needs a correct group at M
     theta = k / n
-    pmfs = {size: _binomial_pmf(size, theta) for size, _ in groups}
     value = 0.0
     for m in range(1, min(k, top) + 1):
         reaching = [(size, correct) for size, correct in groups if size >= m]
         rest = n - sum(size for size, _ in reaching)
         width = min(len(reaching), k // m) + 1  # powers of u that can still meet z^k
-        product = np.zeros((width, k + 1))  # A[j, s]: coefficient of u^j z^s
-        product[0, 0] = 1.0
-        credited = np.zeros_like(product)  # D
+        state = np.zeros((2, width, k + 1))  # state[0] = A, state[1] = D; [., j, s]: coefficient of u^j z^s
+        state[0, 0, 0] = 1.0
         for size, correct in reaching:
-            below, at = pmfs[size][:m], pmfs[size][m]
-            updated = _times_factor(credited, below, at, m)
-            if correct:
-                updated[:, m:] += at * product[:, : k + 1 - m]
-            product, credited = _times_factor(product, below, at, m), updated
-        shares = (1.0 / np.arange(1, width + 1)) @ credited  # ∫ u^j du, per z-degree s
+            pmf = _binomial_pmf(size, theta)
+            updated = _times_factor(state, pmf[:m], pmf[m], m)
+            if correct:  # product rule: D gains E_h · A (A before this group's factor)
+                updated[1, :, m:] += pmf[m] * state[0, :, : k + 1 - m]
+            state = updated
+        shares = (1.0 / np.arange(1, width + 1)) @ state[1]  # ∫ u^j du, per z-degree s
         # [z^k] of (the product) × Binomial(rest, θ): the other k - s kept samples are among the `rest`
         low = max(0, k - rest)
         value += float(shares[low:] @ _binomial_pmf(rest, theta)[k - low :: -1])
     return value / float(_binomial_pmf(n, theta)[k])
 
 
+@functools.lru_cache(maxsize=4096)  # a benchmark's problems share n and k, so the same (size, θ) recur
 def _binomial_pmf(size: int, theta: float) -> np.ndarray:
     """P(X = x) for x = 0..size, X ~ Binomial(size, θ), as exp(log C(size, x) + x log θ + (size-x) log(1-θ)).
 
     log C(size, x) is the log of the exact integer (built up as C(size, x+1) = C(size, x)·(size-x)/(x+1)): no float
     overflow where C(size, x) > 1e308, and 1e-14 relative accuracy where a log-gamma difference loses 1e-12.
+    Read-only, as the cache hands out the same array every time.
     """
     x = np.arange(size + 1)
     if theta >= 1.0:
-        return (x == size).astype(float)
-    log_binomial, binomial = np.empty(size + 1), 1
-    for i in range(size + 1):
-        log_binomial[i] = math.log(binomial)
-        binomial = binomial * (size - i) // (i + 1)
-    return np.exp(log_binomial + x * math.log(theta) + (size - x) * math.log1p(-theta))
+        pmf = (x == size).astype(float)
+    else:
+        log_binomial, binomial = np.empty(size + 1), 1
+        for i in range(size + 1):
+            log_binomial[i] = math.log(binomial)
+            binomial = binomial * (size - i) // (i + 1)
+        pmf = np.exp(log_binomial + x * math.log(theta) + (size - x) * math.log1p(-theta))
+    pmf.flags.writeable = False
+    return pmf
 
 
-def _times_factor(poly: np.ndarray, below: np.ndarray, at: float, m: int) -> np.ndarray:
-    """poly(u, z) · (L(z) + u·at·z^m) with L(z) = Σ_x below[x] z^x, truncated to poly's shape (u-rows, z-columns).
+def _times_factor(polys: np.ndarray, below: np.ndarray, at: float, m: int) -> np.ndarray:
+    """Each polys[i](u, z) · (L(z) + u·at·z^m) with L(z) = Σ_x below[x] z^x, truncated to polys' shape
+    (polynomials, u-rows, z-columns).
 
     The z-convolution of every row is one `np.convolve` of the rows laid end to end, each padded with len(below)-1
     zeros so that no row's product runs into the next one.
     """
-    rows, columns = poly.shape
-    padded = np.zeros((rows, columns + len(below) - 1))
-    padded[:, :columns] = poly
-    out = np.convolve(padded.ravel(), below)[: padded.size].reshape(padded.shape)[:, :columns]
-    out[1:, m:] += at * poly[:-1, : columns - m]
+    *rows, columns = polys.shape
+    padded = np.zeros((*rows, columns + len(below) - 1))
+    padded[..., :columns] = polys
+    out = np.convolve(padded.ravel(), below)[: padded.size].reshape(padded.shape)[..., :columns]
+    out[:, 1:, m:] += at * polys[:, :-1, : columns - m]
     return out
 
 
