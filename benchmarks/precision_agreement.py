@@ -113,11 +113,10 @@ def compare_training(auto_demo: Path, fp32_demo: Path, output_dir: Path) -> dict
     figure.savefig(output_dir / "loss-curves.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     for demo, label in ((fp32_demo, "float32"), (auto_demo, "bf16 autocast")):
-        passes = {
-            m: json.loads((demo / "eval" / m / "summary.json").read_text())["metrics"]["pass@16"]
-            for m in ("sft", "dco")
-        }
-        result.setdefault("dco_minus_ce_pass@16", {})[label] = round(passes["dco"] - passes["sft"], 4)
+        summaries = [demo / "eval" / m / "summary.json" for m in ("sft", "dco")]
+        if all(path.is_file() for path in summaries):  # a demo stopped after training has curves but no evaluations
+            ce, dco = (json.loads(path.read_text())["metrics"]["pass@16"] for path in summaries)
+            result.setdefault("dco_minus_ce_pass@16", {})[label] = round(dco - ce, 4)
     return result
 
 
