@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,24 +23,25 @@ from align.cli import main as align_main
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs `align <argv>`; with STALL_AT_STEP=N, the save of checkpoint N stops (forever) after its RNG state is written,
-# i.e. after the weights and the optimizer and before trainer_state.json, and announces where it stopped.
-STALLING_DRIVER = """
-import os, pathlib, sys, time
-import transformers
-from align.cli import main
+# Installed as `sitecustomize` in every process of a run (the ranks of a launch too): with STALL_AT_STEP=N, the save of
+# checkpoint N stops (forever) after its RNG state is written, i.e. after the weights and the optimizer and before
+# trainer_state.json, and rank 0 announces where it stopped.
+STALL_HOOK = """
+import os, pathlib, time
 
-stall_at = int(os.environ.get("STALL_AT_STEP", -1))
-save_rng_state = transformers.Trainer._save_rng_state
+if os.environ.get("STALL_AT_STEP"):
+    import transformers
 
-def stalled(self, output_dir):
-    save_rng_state(self, output_dir)
-    if self.state.global_step == stall_at:
-        pathlib.Path(os.environ["STALL_MARKER"]).write_text(output_dir)
-        time.sleep(600)
+    save_rng_state = transformers.Trainer._save_rng_state
 
-transformers.Trainer._save_rng_state = stalled
-sys.exit(main(sys.argv[1:]))
+    def stalled(self, output_dir):
+        save_rng_state(self, output_dir)
+        if self.state.global_step == int(os.environ["STALL_AT_STEP"]):
+            if self.args.process_index == 0:
+                pathlib.Path(os.environ["STALL_MARKER"]).write_text(output_dir)
+            time.sleep(600)
+
+    transformers.Trainer._save_rng_state = stalled
 """
 
 
@@ -68,15 +70,29 @@ def write_recipe(path: Path, model: str, output_dir: Path, **fields) -> Path:
     return path
 
 
-def train(recipe: Path, **env) -> subprocess.Popen:
+def train(recipe: Path, *launch: str, **env) -> subprocess.Popen:
+    """`align train sft --config recipe [launch flags]`, with the stall hook importable."""
+    hook = recipe.parent / "stall_hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text(STALL_HOOK)
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
     return subprocess.Popen(
-        [sys.executable, "-c", STALLING_DRIVER, "train", "sft", "--config", str(recipe)],
+        [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe), *launch],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **env},
     )
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """kill -9 the run and the ranks it launched (torch's launcher starts each in its own session)."""
+    processes = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for process in processes:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(processes, timeout=30)
+    proc.communicate()
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -139,15 +155,16 @@ def test_resume_skips_a_hand_made_torn_checkpoint(tiny_model_dir, tmp_path, capl
     assert not list(out.glob("tmp-*"))
 
 
-@pytest.mark.slow
-def test_kill_during_a_save_then_rerun_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def kill_during_the_save_then_rerun(tmp_path: Path, model: str, *launch: str) -> None:
+    """kill -9 a run while it saves checkpoint-2; the same command then resumes from checkpoint-1 and ends with the
+    weights of an uninterrupted run."""
     reference = tmp_path / "reference"
-    finish(train(write_recipe(tmp_path / "reference.yaml", tiny_model_dir, reference)))
+    finish(train(write_recipe(tmp_path / "reference.yaml", model, reference), *launch))
 
     interrupted = tmp_path / "interrupted"
-    recipe = write_recipe(tmp_path / "interrupted.yaml", tiny_model_dir, interrupted)
+    recipe = write_recipe(tmp_path / "interrupted.yaml", model, interrupted)
     marker = tmp_path / "stalled"
-    proc = train(recipe, STALL_AT_STEP="2", STALL_MARKER=str(marker))
+    proc = train(recipe, *launch, STALL_AT_STEP="2", STALL_MARKER=str(marker))
     deadline = time.time() + 300
     while not marker.exists():
         assert proc.poll() is None, proc.communicate()[0][-4000:]
@@ -155,12 +172,10 @@ def test_kill_during_a_save_then_rerun_matches_an_uninterrupted_run(tiny_model_d
         time.sleep(0.05)
     being_written = Path(marker.read_text())
     assert being_written == interrupted / "tmp-checkpoint-2" / "checkpoint-2"  # staged, not in place
-    assert (being_written / "model.safetensors").is_file() and (being_written / "optimizer.pt").is_file()
     assert not (interrupted / "checkpoint-2").exists()
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
+    kill_tree(proc)
 
-    output = finish(train(recipe))  # the same command: resumes from checkpoint-1
+    output = finish(train(recipe, *launch))  # the same command: resumes from checkpoint-1
     assert f"skipping {interrupted / 'tmp-checkpoint-2'}: a checkpoint save that was interrupted" in output
     assert f"resuming from {interrupted / 'checkpoint-1'}" in output
     assert not list(interrupted.glob("tmp-*"))
@@ -169,3 +184,18 @@ def test_kill_during_a_save_then_rerun_matches_an_uninterrupted_run(tiny_model_d
     assert final.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(final[name], expected[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_kill_during_a_save_then_rerun_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    kill_during_the_save_then_rerun(tmp_path, tiny_model_dir)
+
+
+@pytest.mark.distributed
+def test_kill_during_a_zero3_save_then_rerun_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Under DeepSpeed every rank writes its shards of the checkpoint (global_stepN/) into the staging directory."""
+    kill_during_the_save_then_rerun(
+        tmp_path, tiny_model_dir, "--accelerate-config", "cpu_zero3", "--num-processes", "2"
+    )
+    checkpoint = tmp_path / "interrupted" / "checkpoint-2"
+    assert (checkpoint / "latest").read_text().strip() == "global_step2" and (checkpoint / "global_step2").is_dir()
