@@ -4,6 +4,10 @@ Commands are the modules of `align.commands` (a module or a package of subcomman
 description, and `main(argv) -> int | None`, and parses its own arguments, so a command's options live next to its
 code and heavy libraries are imported only by the command that runs. Also runnable as `python -m align.cli` (which
 is what `accelerate launch -m align.cli ...` uses).
+
+Bad input (`align.errors.InputError`: a missing path, a mistyped recipe field, an invalid row) is reported as one
+line, `align <command>: <message>`, with exit status 2; any other exception is a bug and keeps its traceback.
+`--debug` (anywhere on the command line) or `ALIGN_DEBUG=1` shows the traceback of an input error too.
 """
 
 from __future__ import annotations
@@ -13,6 +17,11 @@ import os
 import pkgutil
 import sys
 from types import ModuleType
+
+from align.errors import InputError
+
+
+DEBUG_ENV = "ALIGN_DEBUG"
 
 
 def discover(package: str) -> dict[str, ModuleType]:
@@ -44,14 +53,29 @@ def dispatch(prog: str, package: str, argv: list[str]) -> int:
     if module is None:
         print(f"{prog}: unknown command {name!r}\n\n{usage(prog, package, commands)}", file=sys.stderr)
         return 2
-    result = module.main(rest)
+    try:
+        result = module.main(rest)
+    except InputError as error:
+        if debug_enabled():
+            raise
+        # the message names what is wrong and how to fix it; a traceback would only bury it
+        print(f"{prog} {name}: {error}", file=sys.stderr)
+        return 2
     return int(result or 0)
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
 def main(argv: list[str] | None = None) -> int:
     """The `align` program. With `argv=None` it owns the process (console script, `python -m align.cli`)."""
     owns_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    if "--debug" in argv:
+        # through the environment, so that processes align starts (accelerate launch) show tracebacks too
+        os.environ[DEBUG_ENV] = "1"
+        argv = [arg for arg in argv if arg != "--debug"]
     if argv and argv[0] in {"--version", "-V"}:
         from align import __version__
 

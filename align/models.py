@@ -7,17 +7,24 @@ The default model is SmolLM2-135M-Instruct under the alias `smollm2-135m-instruc
    atomically (temporary directory + rename), so a killed conversion never leaves a half-written cache;
 3. the Hub id `HuggingFaceTB/SmolLM2-135M-Instruct`, when the Hub is reachable.
 
-Anything else (a local directory, a Hub id) is passed through to transformers unchanged.
+Anything else (a local directory, a Hub id) is passed through to transformers unchanged, once it is checked: a path
+that does not exist and cannot be a Hub id, a file, or a directory that holds no model raise
+`align.errors.InputError` naming it and the known aliases, where transformers failed with "Repo id must be in the
+form..."; a Hub id that the Hub (or, offline, its cache) does not have fails to load in one such line, where
+transformers' connection error took 50-80 lines.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from align.errors import InputError, InputFileNotFoundError
 
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -45,7 +52,7 @@ EMBEDDED_MODELS = {
 _CACHE_REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer_config.json")
 
 
-class ModelNotAvailableError(RuntimeError):
+class ModelNotAvailableError(InputError, RuntimeError):
     """Raised when a model alias cannot be resolved from the cache, the embedded GGUF or the Hub."""
 
 
@@ -122,10 +129,11 @@ def _hub_offline() -> bool:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map an alias to a loadable location (see the module docstring); pass anything else through."""
-    embedded = EMBEDDED_MODELS.get(name_or_path.lower())
+    """Map an alias to a loadable location (see the module docstring); pass anything else through, once checked."""
+    embedded = EMBEDDED_MODELS.get(str(name_or_path).lower())
     if embedded is None:
-        return name_or_path
+        _check_reference(str(name_or_path))
+        return str(name_or_path)
     cache_dir = model_cache_dir(embedded.alias)
     if is_usable_cache(cache_dir):
         return str(cache_dir)
@@ -143,6 +151,51 @@ def resolve_model_path(name_or_path: str) -> str:
     )
 
 
+# A Hub repo id: `name` or `owner/name`, of letters, digits and -_. (huggingface_hub's validate_repo_id).
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+# What makes a directory loadable as a model (or, for a tokenizer, also a tokenizer directory).
+MODEL_FILES = ("config.json", "adapter_config.json")
+TOKENIZER_FILES = (*MODEL_FILES, "tokenizer_config.json")
+
+
+def _not_found(name: str, why: str = "") -> InputFileNotFoundError:
+    aliases = ", ".join(EMBEDDED_MODELS)
+    return InputFileNotFoundError(
+        f"no such model directory or alias: {name} (known aliases: {aliases}; a Hub id needs network{why})"
+    )
+
+
+def _check_reference(name: str) -> None:
+    """Refuse what transformers cannot load: see the module docstring."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return
+    if path.exists():
+        raise InputError(f"{name} is a file, not a model directory (one holding {' or '.join(MODEL_FILES)})")
+    if not _HUB_ID.match(name) or "--" in name or ".." in name:
+        raise _not_found(name)
+    # A Hub id passes; if the Hub (or, offline, its cache) does not have it, loading it says so (`_load`).
+
+
+def check_model_directory(location: str, files: tuple[str, ...] = MODEL_FILES) -> None:
+    """A local directory given as a model must hold one of `files`; a data directory, say, raises `InputError`.
+    Hub ids are left to transformers."""
+    path = Path(location).expanduser()
+    if path.is_dir() and not any((path / name).is_file() for name in files):
+        raise InputError(f"{location} is not a model directory: it holds no {' or '.join(files)}")
+
+
+def _load(loader, location: str, name: str):
+    """`loader(location)`; a Hub id transformers cannot load (unknown, gated, no network) is an `InputError`."""
+    try:
+        return loader(location)
+    except OSError as error:
+        if Path(location).expanduser().exists():
+            raise  # a local model that fails to load is not a naming problem
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise _not_found(name, f"; as a Hub id it failed: {first_line}") from error
+
+
 def _torch_dtype(dtype):
     import torch
 
@@ -158,7 +211,9 @@ def load_tokenizer(name_or_path: str, padding_side: str | None = None):
     """Load a tokenizer; make sure it has a pad token (falls back to EOS, as most chat models expect)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    location = resolve_model_path(name_or_path)
+    check_model_directory(location, TOKENIZER_FILES)
+    tokenizer = _load(AutoTokenizer.from_pretrained, location, name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if padding_side is not None:
@@ -183,18 +238,19 @@ def load_model_and_tokenizer(
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
+    check_model_directory(path)
     adapter_config = Path(path) / "adapter_config.json"
     if adapter_path is None and adapter_config.is_file():
         import json
 
-        adapter_path = path
-        path = resolve_model_path(json.loads(adapter_config.read_text())["base_model_name_or_path"])
+        adapter_path, name_or_path = path, json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        path = resolve_model_path(name_or_path)
     kwargs = {"dtype": _torch_dtype(dtype)}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
         kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model = _load(lambda location: AutoModelForCausalLM.from_pretrained(location, **kwargs), path, name_or_path)
     if adapter_path is not None:
         from peft import PeftModel
 

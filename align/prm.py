@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from align.errors import InputError
 from align.log_probs import enable_fused_log_probs, is_peft_model, token_log_probs
 from align.losses.implicit_reward import AGGREGATES, aggregate_step_rewards, process_rewards, token_rewards
 from align.precision import resolve_inference_dtype
@@ -169,15 +170,19 @@ class ImplicitPRM:
         natively, else float32 (`align.precision`); pass "float32" for scores
         comparable with float32 runs to 1e-6.
         """
-        from align.models import load_model_and_tokenizer, resolve_model_path
+        from align.models import check_model_directory, load_model_and_tokenizer, resolve_model_path
 
+        # A path that is no model (missing, a data directory, a .jsonl file) is named as such, not as "a full model"
         location = resolve_model_path(path)
+        check_model_directory(location)
+        if isinstance(ref_model, str):
+            check_model_directory(resolve_model_path(ref_model))  # before the PRM loads, not after
         is_adapter = (Path(location) / "adapter_config.json").is_file()
         settings = read_settings(location)
         if ref_model is None and not is_adapter and not reference_free:
             ref_model = settings.get("reference_model")
             if ref_model is None:
-                raise ValueError(
+                raise InputError(
                     f"{path} is a full model, so the PRM's reference model cannot be derived from it: pass ref_model "
                     "(e.g. --prm-ref with the model the PRM was trained from) or use reference-free scoring."
                 )
@@ -189,7 +194,7 @@ class ImplicitPRM:
         if isinstance(ref_model, str):
             ref_model, ref_tokenizer = load_model_and_tokenizer(ref_model, dtype=dtype, device=device)
             if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-                raise ValueError(
+                raise InputError(
                     f"The PRM {path} and its reference do not share a tokenizer (their vocabularies differ); "
                     "per-token log-ratios need identical tokenization. Use the model the PRM was trained from."
                 )

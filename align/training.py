@@ -83,14 +83,50 @@ def method_classes(method: Method) -> tuple[type, type]:
 
 
 def build_parser(method: Method):
+    """The recipe parser of `method`; a recipe without `output_dir` gets `runs/<model>/<method name>`."""
     from align.configs import AlignModelConfig, DataArguments, RecipeParser
 
-    return RecipeParser((DataArguments, method_classes(method)[1], AlignModelConfig))
+    name = next(name for name, row in METHODS.items() if row is method)
+    config_classes = (DataArguments, method_classes(method)[1], AlignModelConfig)
+    return RecipeParser(config_classes, method=name, prog=f"align train {name}")
 
 
 def parse_args(method_name: str, argv: list[str]):
-    """(DataArguments, the method's config, AlignModelConfig) from `--config RECIPE.yaml` and `--field value` flags."""
-    return build_parser(METHODS[method_name]).parse_args_and_config(argv)
+    """(DataArguments, the method's config, AlignModelConfig) from `--config RECIPE.yaml` and `--field value` flags.
+
+    Bad input raises `align.errors.InputError` (one line). A recipe without `output_dir` writes to
+    `runs/<model>/<method>` (`align.configs.default_output_dir`), which is logged.
+    """
+    parser = build_parser(METHODS[method_name])
+    configs = parser.parse_args_and_config(argv)
+    if parser.default_output_dir is not None:
+        logger.warning("the recipe sets no output_dir: writing to %s", parser.default_output_dir)
+    return configs
+
+
+def dry_run_args(method_name: str, argv: list[str]) -> tuple[tuple, list[str]]:
+    """`parse_args` for `align train --dry_run`: the configs as the recipe's hardware would build them, and the
+    hardware checks this machine could not make.
+
+    transformers refuses `bf16: true` in `TrainingArguments.__post_init__` on a machine without a bf16 GPU (unless
+    `use_cpu`). A dry run validates everything else: that one availability test is answered "yes" while the configs
+    are built, and reported as skipped, so that a GPU recipe's configs, mixed precision included, print on a CPU.
+    """
+    from unittest import mock
+
+    import transformers.training_args as training_arguments
+
+    skipped = []
+    available = training_arguments.is_torch_bf16_gpu_available
+
+    def bf16_check() -> bool:
+        if not available():
+            skipped.append("bf16 needs a GPU that computes bf16 (Ampere or newer), and there is none here")
+        return True
+
+    with mock.patch.object(training_arguments, "is_torch_bf16_gpu_available", bf16_check):
+        configs = parse_args(method_name, argv)
+    return configs, skipped
 
 
 def dataset_kind_for(method: Method, training_args) -> str:

@@ -70,10 +70,11 @@ save_strategy: "no"
 
 
 def test_train_explains_bf16_on_cpu(tmp_path):
+    """A run (not a dry run: that one skips hardware checks, tests/test_input_errors.py) of a bf16 recipe on a CPU."""
     recipe = tmp_path / "gpu.yaml"
-    recipe.write_text("output_dir: x\n")
+    recipe.write_text(f"output_dir: {tmp_path / 'x'}\nmodel_name_or_path: {tmp_path / 'never-loaded'}\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe), "--dry_run"],
+        [sys.executable, "-m", "align.cli", "train", "sft", "--config", str(recipe)],
         capture_output=True,
         text=True,
         timeout=120,

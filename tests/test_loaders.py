@@ -228,3 +228,91 @@ def test_load_problems_as_configured_reads_the_options_and_warns_about_skipped_r
     training = SimpleNamespace(dataset_name="synthetic", synthetic_levels=[2], synthetic_seed=0)
     loaded = load_problems_as_configured(training, name="synthetic", split="train", limit=3)
     assert [p.level for p in loaded.problems] == [2, 2, 2]
+
+
+def test_a_malformed_jsonl_line_is_named_with_its_file_line_and_json_error(tmp_path):
+    """`datasets` reported a malformed line as a pyarrow traceback; now: the file, the line (from 1), the error."""
+    from align.errors import InputError
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps(MATH500_ROW) + "\n\n" + '{"problem": "2+2?", "answer": 4,}\n')
+    with pytest.raises(InputError) as error:
+        load_problems(str(path))
+    message = str(error.value)
+    assert message.startswith(f"{path}: line 3 is not valid JSON (Expecting property name enclosed in double quotes")
+    assert "at column 33" in message and "\n" not in message
+
+
+@pytest.mark.parametrize(("suffix", "content"), [(".jsonl", ""), (".jsonl", "\n\n"), (".json", ""), (".json", "[]")])
+def test_a_file_without_rows_says_so(tmp_path, suffix, content):
+    from align.errors import InputError
+
+    path = tmp_path / f"empty{suffix}"
+    path.write_text(content)
+    with pytest.raises(InputError, match=f"^{path} has no rows$"):
+        load_problems(str(path))
+
+
+def test_the_empty_output_of_align_data_has_no_rows_for_training(tmp_path):
+    """`align data pairs` writes a 0-row pairs.jsonl when no problem had a correct and a wrong sample."""
+    from align.configs import DataArguments
+    from align.data.training import build_datasets
+    from align.errors import InputError
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("")
+    with pytest.raises(InputError, match=f"^{pairs} has no rows$"):
+        build_datasets("preference", DataArguments(dataset_name=str(pairs)), seed=0)
+
+
+def test_a_source_whose_rows_are_all_invalid_has_no_valid_rows(tmp_path):
+    from types import SimpleNamespace
+
+    from align.errors import InputError
+
+    path = tmp_path / "problems.jsonl"
+    path.write_text(json.dumps({"answer": "1"}) + "\n")
+    options = SimpleNamespace(dataset=str(path), split="test", limit=None, skip_invalid=True)
+    with pytest.raises(InputError, match=f"^{path} has no valid rows: all 1 were skipped as invalid"):
+        load_problems_as_configured(options)
+
+
+def test_row_messages_say_rows_count_from_zero():
+    with pytest.raises(InvalidRowError) as error:
+        load_rows([MATH500_ROW, {"answer": "1"}], source="data.jsonl")
+    assert "row 1, field 'problem'" in str(error.value) and "Rows are counted from 0" in str(error.value)
+
+
+def test_json_files_hold_a_list_of_rows_or_json_lines_and_rows_get_every_column(tmp_path):
+    from align.data.files import read_local_rows
+    from align.errors import InputError
+
+    listed = tmp_path / "list.json"
+    listed.write_text(json.dumps([{"problem": "p", "answer": "1"}, {"problem": "q", "answer": "2", "level": 3}]))
+    assert read_local_rows(str(listed)) == [
+        {"problem": "p", "answer": "1", "level": None},  # as a table: every row has every column
+        {"problem": "q", "answer": "2", "level": 3},
+    ]
+    lines = tmp_path / "lines.json"
+    lines.write_text(json.dumps({"problem": "p", "answer": "1"}) + "\n" + json.dumps({"problem": "q"}) + "\n")
+    assert read_local_rows(str(lines))[1] == {"problem": "q", "answer": None}
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps({"problem": "p", "answer": "1"}))
+    assert read_local_rows(str(one)) == [{"problem": "p", "answer": "1"}]
+    document = tmp_path / "document.json"
+    document.write_text(json.dumps({"data": [1]}, indent=2))
+    with pytest.raises(InputError, match="expected a JSON list of rows"):
+        read_local_rows(str(document))
+    # a column whose values have different types across rows (datasets refused the file with an Arrow cast error)
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps(MATH500_ROW) + "\n" + json.dumps({**MATH500_ROW, "level": "Level 2"}) + "\n")
+    assert [problem.level for problem in load_problems(str(mixed)).problems] == [1, 2]
+
+
+def test_a_damaged_parquet_file_is_one_line(tmp_path):
+    from align.errors import InputError
+
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"not parquet at all")
+    with pytest.raises(InputError, match=f"^{path} is not a readable parquet file"):
+        load_problems(str(path))

@@ -21,12 +21,21 @@ HELP = "Evaluate pass@k / maj@k (/ bon@k with --prm) on MATH-style problems: ali
 
 
 def parse(argv: list[str]):
-    from trl import TrlParser
-
+    """The `EvalConfig` of `argv`; bad input raises `align.errors.InputError`. With `--samples`, the fields set that
+    re-grading does not read (a task config's dataset, n, sampling) are named in one warning line."""
+    from align.configs import ConfigParser
     from align.evaluation.config import EvalConfig
 
-    parser = TrlParser((EvalConfig,), prog="align eval", description=HELP)
+    parser = ConfigParser((EvalConfig,), prog="align eval", description=HELP)
     (config,) = parser.parse_args_and_config(argv)
+    if config.samples:
+        ignored = config.unused_with_samples(parser.supplied)
+        if ignored:
+            print(
+                f"align eval: --samples re-grades existing generations and ignores {', '.join(ignored)} (they "
+                "apply to generating samples)",
+                file=sys.stderr,
+            )
     return config
 
 
@@ -45,32 +54,17 @@ def format_metrics(summary: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from align.data.loaders import DatasetUnavailableError
-    from align.data.schema import InvalidRowError
-    from align.evaluation.backends import BackendOptionsError
     from align.evaluation.harness import run_eval
-    from align.evaluation.records import SamplesFileError
-    from align.evaluation.runs import RunConfigMismatchError
 
-    try:
-        config = parse(argv)
-    except ValueError as error:
-        print(f"align eval: {error}", file=sys.stderr)
-        return 2
+    # Bad input (a config value, a model path, a dataset row, a samples file, a run directory holding another
+    # configuration's samples) raises align.errors.InputError, which align.cli reports in one line.
+    config = parse(argv)
+    if config.prm:
+        from align.evaluation.scoring import check_scorer_paths
+
+        check_scorer_paths(config.prm, config.prm_ref)  # now, not after the sampling and grading
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run_eval(config)
-    except (
-        RunConfigMismatchError,
-        BackendOptionsError,
-        InvalidRowError,
-        DatasetUnavailableError,
-        SamplesFileError,
-        FileNotFoundError,
-    ) as error:
-        # bad input: the message says what is wrong and how to fix it; a traceback would only bury it
-        print(f"align eval: {error}", file=sys.stderr)
-        return 2
+    summary = run_eval(config)
     if summary is not None:
         counts = json.dumps(summary["samples"])
         print(f"{summary['num_problems']} problems, n={summary['n']}; samples: {counts}\n{format_metrics(summary)}")

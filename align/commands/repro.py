@@ -5,7 +5,7 @@ pass@256 and pass@4k fall, because the model grows over-confident in its greedy 
 cross-entropy and DCO (N' = 16 and 64) LoRA adapters of SmolLM2-135M-Instruct on the synthetic task with direct
 answers for up to E epochs, evaluates the checkpoints after epochs 1, 2, 4, 8 (pass@1..64, maj@64) and measures the
 greedy-answer confidence of each, then writes a table (report.md, results.json) and a figure (repro-dco.png).
-It takes about an hour on 2 CPU cores; every stage is resumable.
+The full sweep takes about 3 hours on 2 CPU cores (`--quick`: a few minutes); every stage is resumable.
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 The methods, the flow of a run and resuming are `align.training`'s; this module parses the command line. With
 `--accelerate-config NAME|PATH` it re-runs itself under `accelerate launch` (one process per device); it also runs
 under `accelerate launch -m align.cli train ...` directly. `--dry_run` prints the parsed configs (and, with
-`--accelerate-config`, the launch command) and trains nothing.
+`--accelerate-config`, the launch command) and trains nothing; it validates the configs without requiring the
+hardware the recipe is for (a bf16 GPU recipe dry-runs on a CPU) and says which checks it left out. Bad input
+(`align.errors.InputError`, e.g. a mistyped recipe field) is reported by `align.cli` as one line.
 """
 
 from __future__ import annotations
@@ -66,18 +68,13 @@ def main(argv: list[str]) -> int:
         if not known.dry_run:
             return subprocess.run(command, env=env).returncode
         rest = training.rank_argv(known.accelerate_config, rest)  # a dry run parses what every process would
-    try:
-        data_args, training_args, model_args = training.parse_args(method_name, rest)
-    except ValueError as error:
-        if "bf16/gpu" in str(error):  # TRL configs default to bf16=True, which transformers refuses without a GPU
-            raise SystemExit(
-                "align train: this machine has no GPU but the recipe trains in bf16 (TRL's default). Set "
-                "`bf16: false` and `use_cpu: true` in the recipe, or pass `--bf16 false --use_cpu true`."
-            ) from error
-        raise
     if known.dry_run:
+        (data_args, training_args, model_args), skipped = training.dry_run_args(method_name, rest)
         print(f"method: {method_name}\n{data_args}\n{training_args}\n{model_args}")
+        for check in skipped:
+            print(f"dry run: not checked on this machine: {check}")
         return 0
+    data_args, training_args, model_args = training.parse_args(method_name, rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     training.run(method_name, data_args, training_args, model_args)
     return 0

@@ -28,7 +28,9 @@ from pathlib import Path
 
 from align.data import synthetic
 from align.data.answers import last_boxed, split_gsm8k_answer
+from align.data.files import read_local_rows
 from align.data.schema import InvalidRowError, Problem
+from align.errors import InputError, InputFileNotFoundError
 
 
 logger = logging.getLogger("align.data")
@@ -66,7 +68,7 @@ HUB_SOURCES = {
 }
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(InputError, RuntimeError):
     """A Hub dataset could not be loaded (no network, offline mode, unknown id); the message says what to do."""
 
 
@@ -104,15 +106,6 @@ class LoadedProblems:
 
 def is_local_file(name: str) -> bool:
     return name.endswith(LOCAL_SUFFIXES) and Path(name).expanduser().exists()
-
-
-def read_local_rows(path: str) -> list[dict]:
-    """Rows of a local jsonl/json/parquet file, read with `datasets` (no Hub access)."""
-    from datasets import load_dataset
-
-    suffix = Path(path).suffix
-    builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}[suffix]
-    return list(load_dataset(builder, data_files=str(Path(path).expanduser()), split="train"))
 
 
 _SCHEMA_FIELDS = ("id", "problem", "solution", "answer", "level", "subject")
@@ -307,7 +300,7 @@ def read_source(name: str, split: str = "test", dataset_config: str | None = Non
     if is_local_file(name):
         return SourceRows(name, read_local_rows(name), Path(name).stem)
     if name.endswith(LOCAL_SUFFIXES):
-        raise FileNotFoundError(f"Dataset file {name!r} does not exist (check the path).")
+        raise InputFileNotFoundError(f"Dataset file {name!r} does not exist (check the path).")
     if name in HUB_SOURCES:
         hub = HUB_SOURCES[name]
         candidates = hub.candidates
@@ -318,7 +311,7 @@ def read_source(name: str, split: str = "test", dataset_config: str | None = Non
     if "/" in name:
         source, rows = read_hub_rows(((name, (dataset_config,)),), split)
         return SourceRows(source, rows, f"{name.rsplit('/', 1)[-1]}-{split}")
-    raise ValueError(
+    raise InputError(
         f"Unknown dataset {name!r}: use 'synthetic', {', '.join(repr(n) for n in HUB_SOURCES)}, a Hub dataset id "
         "(owner/name) or a local .jsonl/.json/.parquet file path."
     )
@@ -383,4 +376,11 @@ def load_problems_as_configured(
         logger.warning(
             "skipped %d invalid rows of %s (first: %s)", loaded.skipped, loaded.source, loaded.skipped_reasons[0]
         )
+    if not loaded.problems:
+        if loaded.skipped:
+            raise InputError(
+                f"{loaded.source} has no valid rows: all {loaded.skipped} were skipped as invalid (first: "
+                f"{loaded.skipped_reasons[0]})"
+            )
+        raise InputError(f"{loaded.source} has no rows")
     return loaded

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from align.errors import InputError
+
 
 PROBLEM_FIELDS = ("id", "problem", "solution", "answer", "level", "subject")
 
@@ -28,7 +30,7 @@ class Problem:
         return asdict(self)
 
 
-class InvalidRowError(ValueError):
+class InvalidRowError(InputError):
     """A dataset row is missing a field or has the wrong type; the message names the row, field and value."""
 
     def __init__(self, source: str, row_index: int, field: str, value, reason: str, hint: str | None = None):
@@ -39,5 +41,6 @@ class InvalidRowError(ValueError):
         message += (
             f" {hint}" if hint else " Fix the row, map the right column, or pass --skip-invalid to skip and count it."
         )
+        message += " (Rows are counted from 0: row 0 is the first.)"
         super().__init__(message)
         self.source, self.row_index, self.field, self.value = source, row_index, field, value

@@ -12,6 +12,7 @@ the backend does not accept is refused with the list of those it does.
 
 from __future__ import annotations
 
+from align.errors import InputError
 from align.evaluation.generation import GenerationBackend
 from align.evaluation.hf_backend import HFBackend
 from align.evaluation.vllm_backend import VLLMBackend
@@ -42,7 +43,7 @@ def resolve_backend_name(name: str) -> str:
     return "vllm" if VLLMBackend.available() and torch.cuda.is_available() else "hf"
 
 
-class BackendOptionsError(ValueError):
+class BackendOptionsError(InputError):
     """`backend_kwargs` names an option the backend does not accept, or gives it a value of the wrong type."""
 
 

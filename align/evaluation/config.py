@@ -215,6 +215,34 @@ class EvalConfig(SamplingRunArguments):
                 f"score_field {self.score_field!r} and prm {self.prm!r} both give the samples' scores: use one"
             )
 
+    def unused_with_samples(self, fields) -> list[str]:
+        """Those of `fields` (the ones a config file or a flag set) that `--samples` does not read: re-grading
+        existing generations reads no dataset, generates nothing (n, sampling, backend), and renders prompts (model,
+        prompt_*) only for a PRM, for records that lack theirs."""
+        used = _READ_WITH_SAMPLES | (_READ_WITH_SAMPLES_AND_PRM if self.prm else set())
+        return sorted(name for name in fields if name not in used and name in self.__dataclass_fields__)
+
+
+# What `align eval --samples FILE` reads (align.evaluation.harness.regrade_samples); the other fields are for
+# generating samples.
+_READ_WITH_SAMPLES = {
+    "samples",
+    "output_dir",
+    "seed",
+    "maj_num_subsets",
+    "plot",
+    "progress",
+    "grader_workers",
+    "grading_timeout",
+    "prm",
+    "prm_ref",
+    "prm_aggregate",
+    "prm_beta",
+    "prm_batch_size",
+    "score_field",
+}
+_READ_WITH_SAMPLES_AND_PRM = {"model", "prompt_style", "prompt_instruction"}
+
 
 def _default_device() -> str:
     import torch

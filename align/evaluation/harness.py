@@ -13,11 +13,13 @@ import json
 import logging
 from pathlib import Path
 
+from align.errors import InputFileNotFoundError
 from align.evaluation.backends import resolve_backend_name
 from align.evaluation.grouping import grade_records
 from align.evaluation.records import (
     RUN_CONFIG_FILE,
     SAMPLES_FILE,
+    SamplesFileError,
     normalize_record,
     read_jsonl,
     read_records,
@@ -77,7 +79,7 @@ def regrade_samples(config) -> dict:
     """
     source = Path(config.samples)
     if not source.is_file():
-        raise FileNotFoundError(f"--samples {source}: no such file")
+        raise InputFileNotFoundError(f"--samples {source}: no such file")
     records = []
     for line, raw in read_jsonl(source):
         record = normalize_record(raw, str(source), line)
@@ -85,7 +87,7 @@ def regrade_samples(config) -> dict:
             scores_from_field(record, config.score_field, f"{source}: line {line}")
         records.append(record)
     if not records:
-        raise ValueError(f"--samples {source} holds no records")
+        raise SamplesFileError(f"{source} has no rows (--samples reads one JSON record per line)")
     output_dir = Path(config.output_dir) if config.output_dir else source.parent
     n = min(len(record["samples"]) for record in records)
     if any(len(record["samples"]) != n for record in records):

@@ -22,6 +22,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from align.errors import InputError
+
 
 SAMPLES_FILE = "samples.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
@@ -29,7 +31,7 @@ SUMMARY_FILE = "summary.json"
 PLOT_FILE = "passk.png"
 
 
-class SamplesFileError(ValueError):
+class SamplesFileError(InputError):
     """A samples.jsonl line is not a usable record; the message names the file, line and field."""
 
 
@@ -46,7 +48,9 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as error:
             if number == len(lines) and not line.endswith("\n"):
                 break  # the write of this record was interrupted; it will be redone
-            raise SamplesFileError(f"{path}: line {number} is not valid JSON ({error}).") from None
+            raise SamplesFileError(
+                f"{path}: line {number} is not valid JSON ({error.msg} at column {error.colno})."
+            ) from None
     return rows
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from align.errors import InputError
 from align.evaluation.backends import get_backend, resolve_backend_name
 from align.evaluation.generation import GenerationBackend
 from align.evaluation.records import (
@@ -40,7 +41,7 @@ _PART_GLOB = "samples.part-*.jsonl"
 _WAIT_POLL_S = 2.0
 
 
-class RunConfigMismatchError(ValueError):
+class RunConfigMismatchError(InputError):
     """The output directory holds samples drawn with a different configuration."""
 
 

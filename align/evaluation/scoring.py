@@ -16,8 +16,24 @@ def prm_descriptor(path: str, ref: str | None, aggregate: str, beta: float | Non
     return {"prm": path, "ref": ref, "aggregate": aggregate, "beta": beta}
 
 
+def check_scorer_paths(path: str, ref: str | None = None) -> None:
+    """A `--prm` / `--prm-ref` that is no model (a missing path, a data directory, a .jsonl file) raises
+    `InputError` naming the flag; `align eval` checks this before it samples or grades anything."""
+    from align.errors import InputError
+    from align.models import check_model_directory, resolve_model_path
+
+    for flag, location in (("--prm", path), ("--prm-ref", ref)):
+        if location is not None:
+            try:
+                check_model_directory(resolve_model_path(location))
+            except InputError as error:
+                hint = ". A PRM is the output directory of `align train prm`." if flag == "--prm" else ""
+                raise type(error)(f"{flag}: {error}{hint}") from None
+
+
 def load_scorer(path: str, ref: str | None = None, beta: float | None = None):
-    """`align.prm.ImplicitPRM.from_pretrained`, imported only when a PRM is asked for."""
+    """`align.prm.ImplicitPRM.from_pretrained`, imported only when a PRM is asked for (paths checked first)."""
+    check_scorer_paths(path, ref)
     try:
         from align.prm import ImplicitPRM
     except ImportError as error:

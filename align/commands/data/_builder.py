@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,28 +45,20 @@ RowMaker = Callable[[list[dict], list, DataBuildArguments, object], tuple[dict[s
 
 def run_builder(name: str, argv: list[str], options_class, make_rows: RowMaker, description: str) -> int:
     """Parse `argv`, sample and grade (resumable, sharded), write the rows `make_rows` returns and the summary."""
-    from trl import TrlParser
-
-    from align.data.loaders import DatasetUnavailableError, load_problems_as_configured
-    from align.data.schema import InvalidRowError
+    from align.configs import ConfigParser
+    from align.data.loaders import load_problems_as_configured
     from align.evaluation.backends import resolve_backend_name
     from align.evaluation.records import SUMMARY_FILE, write_json_atomic, write_records_atomic
-    from align.evaluation.runs import RunConfigMismatchError, collect_samples
+    from align.evaluation.runs import collect_samples
 
-    parser = TrlParser((DataBuildArguments, options_class), prog=f"align data {name}", description=description)
-    try:
-        args, options = parser.parse_args_and_config(argv)
-    except ValueError as error:
-        print(f"align data {name}: {error}", file=sys.stderr)
-        return 2
+    # Bad input (options, the model, the dataset, a directory holding another configuration's samples) raises
+    # align.errors.InputError, which align.cli reports in one line.
+    parser = ConfigParser((DataBuildArguments, options_class), prog=f"align data {name}", description=description)
+    args, options = parser.parse_args_and_config(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
-    try:
-        loaded = load_problems_as_configured(args)
-        records = collect_samples(loaded.problems, args, args.k, output)
-    except (RunConfigMismatchError, InvalidRowError, DatasetUnavailableError, FileNotFoundError) as error:
-        print(f"align data {name}: {error}", file=sys.stderr)
-        return 2
+    loaded = load_problems_as_configured(args)
+    records = collect_samples(loaded.problems, args, args.k, output)
     if records is None:  # not rank 0: rank 0 writes the outputs
         return 0
     files, counts = make_rows(records, loaded.problems, args, options)

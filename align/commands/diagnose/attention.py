@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from align.errors import InputError
+
 
 HELP = "Attention entropy per (layer, head) of a model on a dataset: heatmap PNG + JSON (no training)."
 
@@ -56,7 +58,7 @@ def texts_for(problems, tokenizer, text: str, style: str) -> list[str]:
         prompt = render_prompt(problem.problem, tokenizer, style=style)
         if text == "prompt_solution":
             if not problem.solution:
-                raise ValueError(f"Problem {problem.id!r} has no solution to read; use --text prompt (no solutions).")
+                raise InputError(f"Problem {problem.id!r} has no solution to read; use --text prompt (no solutions).")
             prompt += problem.solution
         rendered.append(prompt)
     return rendered
