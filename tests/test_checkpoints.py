@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from align.attention.parameters import PARAMETERS_FILE
 from align.checkpoints import is_complete, newest_complete_checkpoint, with_atomic_checkpoints
 from align.cli import main as align_main
+from align.prm import SETTINGS_FILE as PRM_SETTINGS_FILE
+from align.training import METHODS, default_recipe
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +155,32 @@ def test_resume_skips_a_hand_made_torn_checkpoint(tiny_model_dir, tmp_path, capl
     assert is_complete(torn) and (torn / "optimizer.pt").is_file() and (torn / PARAMETERS_FILE).is_file()
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
     assert not list(out.glob("tmp-*"))
+
+
+# What each method's default recipe needs to train one step of the tiny model quickly (GRPO samples per step).
+ONE_STEP = ["--max_steps", "1", "--synthetic_num_train", "8", "--per_device_train_batch_size", "4"]
+SAMPLING = ["--num_generations", "4", "--max_completion_length", "8"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_saves_complete_checkpoints_in_place(method, tiny_model_dir, tmp_path):
+    """The staging reaches every trainer's save (TRL's extras and align's files included): checkpoint-1 is complete,
+    loadable, and no staging directory is left."""
+    out = tmp_path / "run"
+    argv = ["train", method, "--config", str(default_recipe(method)), "--model_name_or_path", tiny_model_dir]
+    argv += ["--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "1", *ONE_STEP]
+    assert align_main([*argv, *(SAMPLING if method in ("pass_n", "grpo") else [])]) == 0
+    checkpoint = out / "checkpoint-1"
+    assert (
+        is_complete(checkpoint)
+        and (checkpoint / "optimizer.pt").is_file()
+        and (checkpoint / "rng_state.pth").is_file()
+    )
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # the default recipes train LoRA adapters
+    if method == "prm":  # written by the implicit PRM trainer's _save, next to the adapter
+        assert (checkpoint / PRM_SETTINGS_FILE).is_file()
+    assert not list(out.glob("tmp-*"))
+    assert newest_complete_checkpoint(out) == str(checkpoint)
 
 
 def kill_during_the_save_then_rerun(tmp_path: Path, model: str, *launch: str) -> None:
