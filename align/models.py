@@ -177,6 +177,14 @@ def _check_reference(name: str) -> None:
     # A Hub id passes; if the Hub (or, offline, its cache) does not have it, loading it says so (`_load`).
 
 
+def check_model_name(name_or_path: str) -> None:
+    """What `resolve_model_path` and `check_model_directory` refuse, without resolving an alias (which may convert
+    the embedded model): commands call it before they write anything."""
+    if str(name_or_path).lower() not in EMBEDDED_MODELS:
+        _check_reference(str(name_or_path))
+        check_model_directory(str(name_or_path))
+
+
 def check_model_directory(location: str, files: tuple[str, ...] = MODEL_FILES) -> None:
     """A local directory given as a model must hold one of `files`; a data directory, say, raises `InputError`.
     Hub ids are left to transformers."""

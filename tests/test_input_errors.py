@@ -21,7 +21,8 @@ CPU = "bf16: false\nuse_cpu: true\n"
 
 @pytest.fixture(autouse=True)
 def _no_debug(monkeypatch):
-    monkeypatch.delenv("ALIGN_DEBUG", raising=False)
+    # set (not deleted), so that monkeypatch restores the variable's absence after `--debug` set it
+    monkeypatch.setenv("ALIGN_DEBUG", "0")
 
 
 def _recipe(tmp_path, text: str, name: str = "recipe.yaml") -> str:
@@ -140,6 +141,30 @@ def test_a_hub_id_that_fails_to_load_online_is_one_line(monkeypatch):
         "no such model directory or alias: someone/typo (known aliases: smollm2-135m-instruct; a Hub id needs "
         "network; as a Hub id it failed: We couldn't connect to 'https://huggingface.co' to load the files.)"
     )
+
+
+def test_eval_and_data_check_the_model_before_they_write_anything(tmp_path, capsys):
+    missing = tmp_path / "runs" / "typo" / "dco"
+    for command in (["eval", "--output_dir"], ["data", "pairs", "--output"]):
+        out = tmp_path / command[0]
+        argv = [
+            *command[:-1],
+            "--model",
+            str(missing),
+            "--dataset",
+            "synthetic",
+            "--limit",
+            "1",
+            command[-1],
+            str(out),
+        ]
+        assert main(argv) == 2
+        prefix = " ".join(command[:-1])
+        assert capsys.readouterr().err == (
+            f"align {prefix}: no such model directory or alias: {missing} (known aliases: smollm2-135m-instruct; a "
+            "Hub id needs network)\n"
+        )
+        assert not out.exists()
 
 
 def test_a_file_or_a_data_directory_given_as_a_model(tmp_path):

@@ -59,6 +59,10 @@ def main(argv: list[str]) -> int:
     # Bad input (a config value, a model path, a dataset row, a samples file, a run directory holding another
     # configuration's samples) raises align.errors.InputError, which align.cli reports in one line.
     config = parse(argv)
+    if not config.samples:
+        from align.models import check_model_name
+
+        check_model_name(config.model)  # before the run directory is written to
     if config.prm:
         from align.evaluation.scoring import check_scorer_paths
 

@@ -50,11 +50,13 @@ def run_builder(name: str, argv: list[str], options_class, make_rows: RowMaker, 
     from align.evaluation.backends import resolve_backend_name
     from align.evaluation.records import SUMMARY_FILE, write_json_atomic, write_records_atomic
     from align.evaluation.runs import collect_samples
+    from align.models import check_model_name
 
     # Bad input (options, the model, the dataset, a directory holding another configuration's samples) raises
     # align.errors.InputError, which align.cli reports in one line.
     parser = ConfigParser((DataBuildArguments, options_class), prog=f"align data {name}", description=description)
     args, options = parser.parse_args_and_config(argv)
+    check_model_name(args.model)  # before the output directory is written to
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     output = Path(args.output)
     loaded = load_problems_as_configured(args)
