@@ -15,11 +15,11 @@ import json
 import os
 import re
 import statistics
-import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from align.commands.demo import DIRECT_ANSWER_INSTRUCTION
+from align.errors import InputError
 
 
 HELP = "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs)."
@@ -67,7 +67,7 @@ def _checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
 REPRO_CONFIG_FILE = "repro_config.json"
 
 
-class ReproConfigMismatchError(ValueError):
+class ReproConfigMismatchError(InputError):
     """The output directory holds results of an experiment with another configuration."""
 
 
@@ -277,11 +277,5 @@ def main(argv: list[str]) -> int:
     if "epochs" in overrides:
         overrides["epochs"] = sorted(set(overrides["epochs"]))
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from align.evaluation.runs import RunConfigMismatchError
-
-    try:
-        run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
-    except (ReproConfigMismatchError, RunConfigMismatchError) as error:
-        print(f"align repro: {error}", file=sys.stderr)
-        return 2
+    run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
     return 0
