@@ -48,6 +48,7 @@ def _eval(model: str, problems: Path, output_dir: Path, dtype: str, n: int, batc
 def main(
     demo_dir: str | None = "runs/demo",
     fp32_demo_dir: str | None = None,
+    methods: tuple[str, ...] = ("sft", "dco"),
     output_dir: str = "runs/precision-agreement",
     limit: int = 200,
     n: int = 16,
@@ -62,7 +63,7 @@ def main(
     problems = write_problems(generate_problems(limit, "test", (1, 2), 0), root / "problems.jsonl")
     models = {"base": DEFAULT_MODEL}
     if demo_dir is not None:
-        for name in ("sft", "dco"):
+        for name in methods:
             adapter = Path(demo_dir) / "train" / name
             if (adapter / "adapter_config.json").is_file():
                 models[name] = str(adapter)
@@ -125,8 +126,9 @@ if __name__ == "__main__":
     parser.add_argument("--demo-dir", default="runs/demo", help="A finished `align demo` directory (its adapters).")
     parser.add_argument("--fp32-demo-dir", default=None, help="The same demo run with ALIGN_PRECISION=fp32.")
     parser.add_argument("--output-dir", default="runs/precision-agreement")
+    parser.add_argument("--methods", nargs="+", default=["sft", "dco"], help="Which demo fine-tunes to sample.")
     parser.add_argument("--limit", type=int, default=200)
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    main(args.demo_dir, args.fp32_demo_dir, args.output_dir, args.limit, args.n, args.batch_size)
+    main(args.demo_dir, args.fp32_demo_dir, tuple(args.methods), args.output_dir, args.limit, args.n, args.batch_size)
