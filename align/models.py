@@ -177,12 +177,23 @@ def _check_reference(name: str) -> None:
     # A Hub id passes; if the Hub (or, offline, its cache) does not have it, loading it says so (`_load`).
 
 
-def check_model_name(name_or_path: str) -> None:
+def check_model_name(name_or_path: str, *, offline_copy: bool = False) -> None:
     """What `resolve_model_path` and `check_model_directory` refuse, without resolving an alias (which may convert
-    the embedded model): commands call it before they write anything."""
-    if str(name_or_path).lower() not in EMBEDDED_MODELS:
-        _check_reference(str(name_or_path))
-        check_model_directory(str(name_or_path))
+    the embedded model): commands call it before they write anything. With `offline_copy`, a Hub id while the Hub
+    is offline must also be in the Hub cache (where a check before loading says more than the load would)."""
+    name = str(name_or_path)
+    if name.lower() in EMBEDDED_MODELS:
+        return
+    _check_reference(name)
+    check_model_directory(name)
+    if offline_copy and not Path(name).expanduser().exists() and _hub_offline() and not _in_hub_cache(name):
+        raise _not_found(name, "; HF_HUB_OFFLINE=1 is set and the Hub cache holds no copy of it")
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in MODEL_FILES)
 
 
 def check_model_directory(location: str, files: tuple[str, ...] = MODEL_FILES) -> None:

@@ -170,13 +170,13 @@ class ImplicitPRM:
         natively, else float32 (`align.precision`); pass "float32" for scores
         comparable with float32 runs to 1e-6.
         """
-        from align.models import check_model_directory, load_model_and_tokenizer, resolve_model_path
+        from align.models import check_model_name, load_model_and_tokenizer, resolve_model_path
 
         # A path that is no model (missing, a data directory, a .jsonl file) is named as such, not as "a full model"
-        location = resolve_model_path(path)
-        check_model_directory(location)
+        check_model_name(path, offline_copy=True)
         if isinstance(ref_model, str):
-            check_model_directory(resolve_model_path(ref_model))  # before the PRM loads, not after
+            check_model_name(ref_model, offline_copy=True)  # before the PRM loads, not after
+        location = resolve_model_path(path)
         is_adapter = (Path(location) / "adapter_config.json").is_file()
         settings = read_settings(location)
         if ref_model is None and not is_adapter and not reference_free:

@@ -179,16 +179,23 @@ def test_a_file_or_a_data_directory_given_as_a_model(tmp_path):
         load_model_and_tokenizer(str(data / "rows.jsonl"))
 
 
-@pytest.mark.parametrize("kind", ["missing", "data directory", "jsonl file"])
-def test_prm_paths_that_are_no_model_are_not_called_a_full_model(tmp_path, tiny_model_dir, kind):
+@pytest.mark.parametrize("kind", ["missing", "hub id offline", "data directory", "jsonl file"])
+def test_prm_paths_that_are_no_model_are_not_called_a_full_model(tmp_path, tiny_model_dir, monkeypatch, kind):
     """A nonexistent path, a data directory and a .jsonl file were all reported as "is a full model"."""
     from align.evaluation.scoring import check_scorer_paths
     from align.prm import ImplicitPRM
 
-    path = {"missing": tmp_path / "nope", "data directory": tmp_path, "jsonl file": tmp_path / "rows.jsonl"}[kind]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = {
+        "missing": tmp_path / "nope",
+        "hub id offline": "runs-prm",  # a relative name that is not here: a Hub id, which offline is not cached
+        "data directory": tmp_path,
+        "jsonl file": tmp_path / "rows.jsonl",
+    }[kind]
     (tmp_path / "rows.jsonl").write_text("{}\n")
     expected = {
-        "missing": f"no such model directory or alias: {path} ",
+        "missing": f"no such model directory or alias: {path} (",
+        "hub id offline": f"no such model directory or alias: {path} (",
         "data directory": f"{path} is not a model directory",
         "jsonl file": f"{path} is a file, not a model directory",
     }[kind]

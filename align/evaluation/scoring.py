@@ -20,20 +20,19 @@ def check_scorer_paths(path: str, ref: str | None = None) -> None:
     """A `--prm` / `--prm-ref` that is no model (a missing path, a data directory, a .jsonl file) raises
     `InputError` naming the flag; `align eval` checks this before it samples or grades anything."""
     from align.errors import InputError
-    from align.models import check_model_directory, resolve_model_path
+    from align.models import check_model_name
 
     for flag, location in (("--prm", path), ("--prm-ref", ref)):
         if location is not None:
             try:
-                check_model_directory(resolve_model_path(location))
+                check_model_name(location, offline_copy=True)
             except InputError as error:
                 hint = ". A PRM is the output directory of `align train prm`." if flag == "--prm" else ""
                 raise type(error)(f"{flag}: {error}{hint}") from None
 
 
 def load_scorer(path: str, ref: str | None = None, beta: float | None = None):
-    """`align.prm.ImplicitPRM.from_pretrained`, imported only when a PRM is asked for (paths checked first)."""
-    check_scorer_paths(path, ref)
+    """`align.prm.ImplicitPRM.from_pretrained`, imported only when a PRM is asked for (then its paths are checked)."""
     try:
         from align.prm import ImplicitPRM
     except ImportError as error:
@@ -41,6 +40,7 @@ def load_scorer(path: str, ref: str | None = None, beta: float | None = None):
             f"--prm needs align.prm (the implicit PRM), which cannot be imported here ({error}). Update align, or "
             "evaluate without --prm."
         ) from error
+    check_scorer_paths(path, ref)
     kwargs = {"ref_model": ref}
     if beta is not None:  # otherwise the PRM's own beta (from its saved config)
         kwargs["beta"] = beta
