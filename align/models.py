@@ -223,7 +223,7 @@ def _torch_dtype(dtype):
     try:
         return getattr(torch, dtype)
     except AttributeError:
-        raise ValueError(f"Unknown dtype '{dtype}': use float32, bfloat16, float16 or auto.") from None
+        raise InputError(f"Unknown dtype '{dtype}': use float32, bfloat16, float16 or auto.") from None
 
 
 def load_tokenizer(name_or_path: str, padding_side: str | None = None):

@@ -427,3 +427,16 @@ def test_the_console_script_prints_one_line_for_bad_input(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr == f"align train: {recipe}: field 'max_steps' = 'four': expected an integer\n"
+
+
+def test_dataset_options_found_wrong_while_loading_are_one_line(tmp_path, capsys):
+    """A column mapping and an unbounded synthetic task are read when the problems load, after parsing."""
+    argv = ["eval", "--dataset", "synthetic", "--output_dir", str(tmp_path)]
+    assert main([*argv, "--limit", "2", "--column_mapping", "problem:question"]) == 2
+    assert capsys.readouterr().err == (
+        "align eval: column mapping item 'problem:question' is not FIELD=COLUMN (e.g. problem=question)\n"
+    )
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "align eval: The synthetic task is unbounded: pass a limit (number of problems), e.g. --limit 100.\n"
+    )

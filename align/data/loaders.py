@@ -83,12 +83,12 @@ def parse_column_mapping(text: str | dict | None) -> dict[str, str]:
         for item in text.split(","):
             name, sep, column = item.partition("=")
             if not sep or not name.strip() or not column.strip():
-                raise ValueError(f"column mapping item {item!r} is not FIELD=COLUMN (e.g. problem=question)")
+                raise InputError(f"column mapping item {item!r} is not FIELD=COLUMN (e.g. problem=question)")
             pairs.append((name.strip(), column.strip()))
     mapping = {}
     for name, column in pairs:
         if name not in _SCHEMA_FIELDS:
-            raise ValueError(f"column mapping names unknown field {name!r}; fields are {', '.join(_SCHEMA_FIELDS)}")
+            raise InputError(f"column mapping names unknown field {name!r}; fields are {', '.join(_SCHEMA_FIELDS)}")
         mapping[name] = column
     return mapping
 
@@ -232,7 +232,7 @@ def problems_from_rows(
     `id_prefix` names problems of sources without an id column `{id_prefix}-{row index}` (default: file stem).
     """
     if row_format not in ROW_FORMATS:
-        raise ValueError(f"row_format must be one of {ROW_FORMATS}, got {row_format!r}")
+        raise InputError(f"row_format must be one of {ROW_FORMATS}, got {row_format!r}")
     loaded = LoadedProblems(problems=[], source=source)
     id_column = (column_mapping or {}).get("id", "id")
     for index, row in enumerate(rows):
@@ -337,7 +337,7 @@ def load_problems(
     column_mapping = parse_column_mapping(column_mapping)
     if name == "synthetic":
         if limit is None:
-            raise ValueError("The synthetic task is unbounded: pass a limit (number of problems).")
+            raise InputError("The synthetic task is unbounded: pass a limit (number of problems), e.g. --limit 100.")
         problems = synthetic.generate_problems(limit, split, synthetic_levels, synthetic_seed)
         return LoadedProblems(problems=problems, source=f"synthetic[{split}]")
     read = read_source(name, split, dataset_config)
