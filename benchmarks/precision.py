@@ -34,6 +34,7 @@ def _trainer(model_path: str, output_dir: str, bf16: bool, lora: bool, batch_siz
     )
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=data, peft_config=lora_config(lora))
     trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which training_step runs inside
     trainer.model.train()
     return trainer
 
