@@ -25,7 +25,7 @@ def main(num_prompts: int = 40, n: int = 16, max_new_tokens: int = 64, batch_siz
 
     from align.data.prompts import render_prompt
     from align.data.synthetic import generate_problems
-    from align.evaluation.backends import SamplingConfig
+    from align.evaluation.generation import SamplingConfig
     from align.evaluation.hf_backend import HFBackend
     from align.models import DEFAULT_MODEL
 
