@@ -1,9 +1,12 @@
 """Training step in float32 vs `bf16: auto` (bf16 autocast, float32 master weights) on SmolLM2-135M-Instruct.
 
-Two TRL `SFTTrainer`s are built from the same model path, data and config but `bf16` (False, and what `bf16: auto`
-resolves to here: True on a CPU with native bf16). A step is the Trainer's own `training_step` (forward and
-backward under the accelerator's autocast, exactly as `trainer.train()` runs it) plus the AdamW update, on batches
-collated once and fed to both. Rounds alternate (fp32, auto, fp32, auto, ...; auto first in the second half); the
+Two TRL `SFTTrainer`s are built from the same model path, data and config. A step is the Trainer's own
+`training_step` (forward and backward) plus the AdamW update, on batches collated once and fed to both; the auto
+variant runs it under `torch.autocast(cpu, bfloat16)` when `bf16: auto` resolves to True here, which is what
+accelerate's bf16 mixed precision does on a CPU. (Both trainers are built with `bf16=False`: accelerate's state is a
+process-wide singleton, so a second trainer with another mixed-precision setting would silently inherit the
+first's — an earlier version of this benchmark measured float32 twice that way.)
+Rounds alternate (fp32, auto, fp32, auto, ...; auto first in the second half); the
 figure is the median over rounds of the auto step's time over the fp32 step's in the same round. Goal on a CPU with
 native bf16: <= 0.55 (issue 15). Full fine-tuning and LoRA, batch 16 x 128 tokens, as the CPU recipes train.
 """
@@ -21,7 +24,7 @@ from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, 
 TARGET_RATIO = 0.55
 
 
-def _trainer(model_path: str, output_dir: str, bf16: bool, lora: bool, batch_size: int, max_length: int, data):
+def _trainer(model_path: str, output_dir: str, lora: bool, batch_size: int, max_length: int, data):
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
@@ -30,7 +33,7 @@ def _trainer(model_path: str, output_dir: str, bf16: bool, lora: bool, batch_siz
         max_length=max_length,
         learning_rate=1e-5,
         model_init_kwargs={"dtype": "float32"},  # master weights stay float32 in both; autocast computes in bf16
-        **{**CPU_TRAINER_ARGS, "bf16": bf16},
+        **CPU_TRAINER_ARGS,
     )
     trainer = SFTTrainer(model=model_path, args=args, train_dataset=data, peft_config=lora_config(lora))
     trainer.create_optimizer()
@@ -39,11 +42,14 @@ def _trainer(model_path: str, output_dir: str, bf16: bool, lora: bool, batch_siz
     return trainer
 
 
-def _step_fn(trainer, batches):
+def _step_fn(trainer, batches, bf16: bool):
+    import torch
+
     cycle = itertools.cycle(batches)
 
     def step():
-        trainer.training_step(trainer.model, dict(next(cycle)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            trainer.training_step(trainer.model, dict(next(cycle)))
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -63,12 +69,13 @@ def measure(model_path: str, name: str, lora: bool, batch_size: int, max_length:
     data = Dataset.from_list(sft_rows(problems))
     with tempfile.TemporaryDirectory(prefix="align-bench-precision-") as output_dir:
         trainers = {
-            "fp32": _trainer(model_path, output_dir, False, lora, batch_size, max_length, data),
-            "auto": _trainer(model_path, output_dir, auto_bf16, lora, batch_size, max_length, data),
+            "fp32": _trainer(model_path, output_dir, lora, batch_size, max_length, data),
+            "auto": _trainer(model_path, output_dir, lora, batch_size, max_length, data),
         }
         loader = trainers["fp32"].get_train_dataloader()
         batches = [trainers["fp32"]._prepare_inputs(batch) for batch, _ in zip(loader, range(num_batches))]
-        steps = {variant: _step_fn(trainer, batches) for variant, trainer in trainers.items()}
+        bf16 = {"fp32": False, "auto": auto_bf16}
+        steps = {variant: _step_fn(trainer, batches, bf16[variant]) for variant, trainer in trainers.items()}
         halves = [
             interleaved(steps, repeats=repeats // 2),
             interleaved(dict(reversed(steps.items())), repeats=repeats - repeats // 2),
