@@ -74,13 +74,14 @@ def unbiased_pass_at_k(num_samples: torch.Tensor, num_correct: torch.Tensor, k) 
     return torch.where(n >= k, value, torch.full_like(n, math.nan))
 
 
-def _check_binary_rewards(rewards: torch.Tensor) -> None:
+def check_binary_rewards(rewards: torch.Tensor, what: str = "pass@N weights") -> None:
+    """Raise a one-line ValueError naming the first reward that is not 1, 0 or NaN (unscored)."""
     scored = ~torch.isnan(rewards)
     bad = scored & (rewards != 0) & (rewards != 1)
     if bool(bad.any()):
         group, sample = (int(i) for i in bad.nonzero()[0])
         raise ValueError(
-            f"pass@N weights need a binary verifier reward per completion (1 correct, 0 incorrect, NaN unscored); "
+            f"{what} need a binary verifier reward per completion (1 correct, 0 incorrect, NaN unscored); "
             f"group {group}, sample {sample} has reward {rewards[group, sample].item()!r}. Use a single correctness "
             "reward (the default verifier), or reward_weights that keep the total in {0, 1}."
         )
@@ -121,7 +122,7 @@ def pass_at_n_group_weights(rewards: torch.Tensor, n, estimator: str = "plain") 
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be (groups, samples per group), got shape {tuple(rewards.shape)}.")
     rewards = rewards.to(torch.float64)
-    _check_binary_rewards(rewards)
+    check_binary_rewards(rewards)
     scored = ~torch.isnan(rewards)
     correct = torch.where(scored, rewards, 0.0)
     num_scored = scored.sum(-1).to(torch.float64)
