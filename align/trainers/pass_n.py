@@ -6,8 +6,10 @@ probability p that the model reaches the correct answer is a sum over traces, so
 trainer samples K = `num_generations` completions per prompt, grades them with a verifier, and maximises
 log pass@N = log(1 - (1 - p)^N) with the per-sample weights of `align.losses.pass_at_n.pass_at_n_group_weights`
 (F(N, p̂)/c on each of the c correct samples of a group, for the `plain` estimator) in place of GRPO's
-advantages. Everything else is TRL's `GRPOTrainer`: sampling (transformers or vLLM), reward functions, the loss,
-logging, multi-process launches.
+advantages. `pass_k_objective` swaps in any other objective of `align.losses.pass_k.OBJECTIVES` (PKPO, Chen et
+al.'s analytic pass@k, Tang et al.'s max@K leave-one-out, RS-GRPO, or TRL's own GRPO advantages as the baseline),
+so that they all run on one footing: the same sampling, rewards, loss and logging. Everything else is TRL's
+`GRPOTrainer`: sampling (transformers or vLLM), reward functions, the loss, logging, multi-process launches.
 
 Why the update is the estimator: on-policy (`num_iterations=1`) GRPO's per-token term is A_i ∇log π(y_i,t) (the
 importance ratio is 1 and the clipping inactive), and the `dr_grpo` loss divides by a constant
@@ -22,142 +24,19 @@ column); it is the baseline that `align train grpo` runs.
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
-from align.grading import GradingArguments
-from align.losses.pass_at_n import PASS_AT_N_ESTIMATORS, PassAtNGroupWeights, pass_at_n_group_weights
+from align.losses.pass_at_n import PassAtNGroupWeights, pass_at_n_group_weights, unbiased_pass_at_k
+from align.losses.pass_k import pass_k_advantages
 from align.rewards import ANSWER_COLUMN, VerifierReward
-from align.trainers.dco import DCO_PAPER, check_pass_n, default_output_dir
+from align.trainers.dco import DCO_PAPER, default_output_dir
+from align.trainers.pass_n_config import GraderGRPOConfig, PassAtNConfig
 
 
-# Loss types whose on-policy update is a constant times Σ_i A_i ∇log π(y_i) (sequence sums, fixed normalizer).
-SEQUENCE_SUM_LOSS_TYPES = ("dr_grpo", "luspo")
-
-
-@dataclass
-class GraderGRPOConfig(GradingArguments, GRPOConfig):
-    r"""
-    Configuration class for [`GraderGRPOTrainer`]: TRL's [`~trl.GRPOConfig`] plus the options of align's verifier
-    reward (used when the trainer is built without `reward_funcs`).
-
-    > Parameters that control the verifier reward
-
-        grader_workers (`int` or `None`, *optional*, defaults to `None`):
-            Grading processes per training process (default: this process's CPUs divided by the processes on this
-            machine).
-        grading_timeout (`float`, *optional*, defaults to `5.0`):
-            Seconds allowed to grade one completion; a completion that takes longer scores 0.
-    """
-
-    # grader_workers / grading_timeout and their checks come from `align.grading.GradingArguments` (listed before
-    # GRPOConfig so that output_dir stays the first positional field).
-
-
-@dataclass
-class PassAtNConfig(GraderGRPOConfig):
-    r"""
-    Configuration class for [`PassAtNGRPOTrainer`]: [`GraderGRPOConfig`] plus the pass@N objective.
-
-    > Parameters that control the pass@N objective
-
-        pass_n (`float`, *optional*, defaults to `16`):
-            N, the test-time sample budget trained for: the objective is log(1 - (1 - p)^N) with p the probability
-            of a correct answer. `1` maximises log p (each correct sample of a group gets 1/c). Prefer
-            `num_generations` >= N: p̂ = c/K only resolves steps of 1/K.
-        weight_estimator (`str`, *optional*, defaults to `"plain"`):
-            `"plain"`: F(N, p̂)/c on each correct sample, 0 on incorrect ones. `"loo"`: the same with a
-            leave-one-out baseline inside, so incorrect samples get -F(N, p̂)/(K - 1) and each group's weights sum
-            to 0. Both have the direction of the true gradient in expectation; see
-            `align.losses.pass_at_n.pass_at_n_group_weights`.
-
-    Defaults that differ from [`~trl.GRPOConfig`]: `loss_type="dr_grpo"` (the update is then the estimator: a
-    constant times Σ_i w_i ∇log π(y_i)); `scale_rewards="none"` (the weights replace GRPO's advantages, so reward
-    scaling has nothing to act on); `beta=0.0` as in GRPO (no reference model: the objective is pass@N itself).
-    """
-
-    pass_n: float = field(
-        default=16.0,
-        metadata={
-            "help": "N, the test-time sample budget trained for: objective log(1 - (1 - p)^N), p = P(correct). "
-            "1 = log p. Prefer num_generations >= N (p̂ = c/K resolves steps of 1/K)."
-        },
-    )
-    weight_estimator: str = field(
-        default="plain",
-        metadata={
-            "help": "`plain`: F(N, p̂)/c on each correct sample, 0 on incorrect ones. `loo`: leave-one-out "
-            "baseline inside, incorrect samples get -F(N, p̂)/(K-1) and a group's weights sum to 0.",
-            "choices": list(PASS_AT_N_ESTIMATORS),
-        },
-    )
-    loss_type: str = field(
-        default="dr_grpo",
-        metadata={
-            "help": "GRPO loss aggregation. `dr_grpo` (default) and `luspo` sum each sequence's tokens with a "
-            "constant normalizer, so the update is the pass@N estimator Σ_i w_i ∇log π(y_i); the others (dapo, "
-            "grpo, bnpo, cispo, sapo, vespo) divide by token counts, which reweights samples by length (warning)."
-        },
-    )
-    scale_rewards: str = field(
-        default="none",
-        metadata={"help": "Ignored by pass@N (its weights replace GRPO's advantages); kept `none`."},
-    )
-    beta: float = field(
-        default=0.0,
-        metadata={
-            "help": "KL coefficient towards the reference model. 0 (default): the objective is pass@N alone and no "
-            "reference model is loaded; > 0 adds GRPO's KL penalty to it."
-        },
-    )
-
-    def __post_init__(self):
-        self.pass_n = check_pass_n(self.pass_n, one_means="log p")
-        if self.weight_estimator not in PASS_AT_N_ESTIMATORS:
-            raise ValueError(f"weight_estimator must be one of {PASS_AT_N_ESTIMATORS}, got {self.weight_estimator!r}.")
-        super().__post_init__()
-        self._warn_about_settings_that_change_the_estimator()
-
-    def _warn_about_settings_that_change_the_estimator(self) -> None:
-        def warn(message: str) -> None:
-            warnings.warn(f"PassAtNConfig: {message}", UserWarning, stacklevel=4)
-
-        if self.loss_type not in SEQUENCE_SUM_LOSS_TYPES:
-            warn(
-                f"loss_type={self.loss_type!r} divides each sample's term by a token count, so the update is no "
-                f"longer Σ_i w_i ∇log π(y_i) but a length-reweighted version; use one of {SEQUENCE_SUM_LOSS_TYPES}."
-            )
-        if self.scale_rewards not in ("none", False):
-            warn(f"scale_rewards={self.scale_rewards!r} is ignored: pass@N weights replace GRPO's advantages.")
-        if self.multi_objective_aggregation != "sum_then_normalize":
-            warn(
-                "multi_objective_aggregation is ignored: the weights use the reward_weights-weighted sum of the "
-                "rewards, which must be 0 or 1 per completion."
-            )
-        if self.num_iterations > 1:
-            warn(
-                f"num_iterations={self.num_iterations} reuses each batch of samples for several updates; after the "
-                "first the samples are off-policy and the update is GRPO's clipped importance-weighted version of "
-                "the estimator. Use num_iterations=1 for the exact on-policy estimator."
-            )
-        if self.steps_per_generation > self.gradient_accumulation_steps:
-            warn(
-                f"steps_per_generation={self.steps_per_generation} > gradient_accumulation_steps="
-                f"{self.gradient_accumulation_steps}: later optimizer steps train on samples from an older policy."
-            )
-        if self.top_entropy_quantile < 1.0:
-            warn(
-                f"top_entropy_quantile={self.top_entropy_quantile} drops low-entropy tokens from the loss, so a "
-                "sample's gradient is no longer ∇log π(y_i)."
-            )
-        if self.mask_truncated_completions:
-            warn(
-                "mask_truncated_completions removes truncated samples from the loss after their weights are "
-                "computed, which biases the estimate for groups that contain them."
-            )
+# The configs live in align.trainers.pass_n_config; align.training's registry and users import them from here.
+__all__ = ["GraderGRPOConfig", "GraderGRPOTrainer", "PassAtNConfig", "PassAtNGRPOTrainer"]
 
 
 def _check_answer_column(dataset, name: str) -> None:
@@ -232,6 +111,10 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
     samples), `coverage_weight_mean` (F(N, p̂) over solved groups), `pass_at_n` (plug-in 1 - (1 - p̂)^N) and
     `pass_at_n_unbiased` (1 - C(K-c, N)/C(K, N), when N is an integer <= K).
 
+    With another `pass_k_objective` the advantages are that objective's (`align.losses.pass_k`; `grpo` keeps TRL's)
+    and the log has `pass_k/*`: `k` (this step's, for pkpo and passk_analytic), `weight_mean`, `weight_abs_mean`,
+    `frac_zero_groups` (groups whose advantages are all 0: no gradient) and `pass_at_k_unbiased` (binary rewards).
+
     Example:
     ```python
     >>> from align.trainers.pass_n import PassAtNConfig, PassAtNGRPOTrainer
@@ -253,7 +136,7 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
             args = PassAtNConfig(default_output_dir(model, "pass_n"))
         elif not isinstance(args, PassAtNConfig):
             raise TypeError(
-                f"PassAtNGRPOTrainer needs a PassAtNConfig (it adds pass_n, weight_estimator), got "
+                f"PassAtNGRPOTrainer needs a PassAtNConfig (it adds pass_k_objective, pass_n, ...), got "
                 f"{type(args).__name__}; build one with PassAtNConfig(**your_args.to_dict())."
             )
         self._gathered_rewards: torch.Tensor | None = None
@@ -270,19 +153,32 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
         rewards_per_func, self._gathered_rewards = self._gathered_rewards, None
         if rewards_per_func is None:
             raise RuntimeError("PassAtNGRPOTrainer: GRPOTrainer scored completions without `_calculate_rewards`.")
+        objective = self.args.pass_k_objective
+        if objective == "grpo":  # the baseline: TRL's own advantages, untouched
+            return output
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         # The reward_weights-weighted sum, NaN for a completion no reward function scored (as GRPO does).
         total = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
         total[torch.isnan(rewards_per_func).all(dim=1)] = math.nan
-        result = pass_at_n_group_weights(total.view(-1, group_size), self.args.pass_n, self.args.weight_estimator)
-        weights = result.weights.reshape(-1)
+        groups = total.view(-1, group_size)
+        if objective == "dco":
+            result = pass_at_n_group_weights(groups, self.args.pass_n, self.args.weight_estimator)
+            self._log_pass_n_metrics(result, mode)
+            weights = result.weights.reshape(-1)
+        else:
+            k = self.args.pass_k_at(self.state.global_step)
+            args = self.args
+            group_weights = pass_k_advantages(
+                objective, groups, k=k, estimator=args.pkpo_estimator, beta=args.risk_seeking_beta
+            )
+            self._log_pass_k_metrics(groups, group_weights, k, mode)
+            weights = group_weights.reshape(-1)
         advantages = output["advantages"]
         local = advantages.shape[0]
         start = self.accelerator.process_index * local  # the same process slice GRPOTrainer takes
         output["advantages"] = weights[start : start + local].to(dtype=advantages.dtype, device=advantages.device)
         self._replace_logged_advantages(weights)
-        self._log_pass_n_metrics(result, mode)
         return output
 
     def _replace_logged_advantages(self, weights: torch.Tensor) -> None:
@@ -291,6 +187,25 @@ class PassAtNGRPOTrainer(GraderGRPOTrainer):
         for _ in range(min(len(weights), len(logged))):
             logged.pop()
         logged.extend(weights.tolist())
+
+    def _log_pass_k_metrics(self, rewards: torch.Tensor, weights: torch.Tensor, k: int | None, mode: str) -> None:
+        """`pass_k/*` for the objectives other than dco (gathered rewards: the same on every process)."""
+        scored = ~torch.isnan(rewards)
+        num_scored = scored.sum(-1)
+        has = num_scored > 0
+        if not bool(has.any()):
+            return
+        metrics = self._metrics[mode]
+        if k is not None:
+            metrics["pass_k/k"].append(float(k))
+        metrics["pass_k/weight_mean"].append((weights.sum() / num_scored.sum()).item())
+        metrics["pass_k/weight_abs_mean"].append((weights.abs().sum() / num_scored.sum()).item())
+        metrics["pass_k/frac_zero_groups"].append((weights[has].abs().sum(-1) == 0).double().mean().item())
+        if k is not None and bool(((rewards == 0) | (rewards == 1) | ~scored).all()):
+            correct = torch.where(scored, rewards, 0.0).sum(-1)
+            unbiased = unbiased_pass_at_k(num_scored[has], correct[has], k)  # NaN for a group of fewer than k
+            if not bool(torch.isnan(unbiased).any()):
+                metrics["pass_k/pass_at_k_unbiased"].append(unbiased.mean().item())
 
     def _log_pass_n_metrics(self, result: PassAtNGroupWeights, mode: str) -> None:
         # The rewards are gathered, so every process holds the same groups and computes the same values.
