@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.fused import ATTENTION_IMPLEMENTATION
 from align.attention.parameters import MODULE_NAME, PARAMETERS_FILE
 from align.data.synthetic import generate_problems
 from align.data.training import preference_rows, sft_rows

@@ -54,8 +54,8 @@ def entropy_eager_attention(
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     groups = query.shape[1] // key.shape[1]
-    key_states = _repeat_kv(key, groups)
-    value_states = _repeat_kv(value, groups)
+    key_states = repeat_kv(key, groups)
+    value_states = repeat_kv(value, groups)
 
     scores = torch.matmul(query, key_states.transpose(2, 3)) * scaling
     temperature = attached_temperature(module)
@@ -76,7 +76,7 @@ def entropy_eager_attention(
             if recorder is not None and recorder.accepts():
                 with torch.no_grad():
                     batch, _, queries, keys = scores.shape
-                    valid, visible = _row_masks(mask, batch, queries, keys, scores.device)
+                    valid, visible = row_masks(mask, batch, queries, keys, scores.device)
                     row_max = scores.detach().amax(-1).masked_fill(~valid[:, None, :], -math.inf)
                     recorder.add(LayerRecord(module.layer_idx, entropy, valid, visible, row_max.amax().float()))
 
@@ -85,7 +85,7 @@ def entropy_eager_attention(
     return output.transpose(1, 2).contiguous(), weights
 
 
-def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     """(batch, kv_heads, seq, dim) -> (batch, kv_heads * groups, seq, dim): a KV head serves `groups` query heads."""
     if groups == 1:
         return states
@@ -95,7 +95,7 @@ def _repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
     )
 
 
-def _row_masks(mask: torch.Tensor | None, batch: int, queries: int, keys: int, device) -> tuple[torch.Tensor, ...]:
+def row_masks(mask: torch.Tensor | None, batch: int, queries: int, keys: int, device) -> tuple[torch.Tensor, ...]:
     """(valid query rows, visible key counts), both (batch, queries), from a 4-D eager mask.
 
     A query row is padding when it may not attend to its own position (the diagonal, offset by any cached keys):

@@ -1,4 +1,4 @@
-"""The recording window of `entropy_eager` attention: one `LayerRecord` per layer per forward.
+"""The recording window of `entropy_fused` / `entropy_eager` attention: one `LayerRecord` per layer per forward.
 
 Only what arrives while a recorder is open (`with recorder:`) is recorded, and only from forwards with gradients
 enabled unless the recorder asks for no-grad forwards (`include_no_grad=True`, for measuring a model offline):
@@ -25,17 +25,21 @@ class LayerRecord:
     entropy: torch.Tensor  # (batch, heads, queries) row entropies in nats; differentiable in training forwards
     valid_rows: torch.Tensor  # (batch, queries) bool: False for padding query rows
     visible_keys: torch.Tensor  # (batch, queries) number of keys each row may attend to
-    max_logit: torch.Tensor  # scalar: largest pre-softmax attention logit over the valid rows (detached)
+    max_logit: torch.Tensor  # scalar: largest pre-softmax attention logit over the valid rows (detached); -inf if
+    # not measured (`entropy_fused` measures it only when the recorder's `record_max_logit` is on)
 
 
 class AttentionEntropyRecorder:
-    """Collects one `LayerRecord` per layer from `entropy_eager` attention while open (`with recorder: ...`).
+    """Collects one `LayerRecord` per layer from the entropy attentions while open (`with recorder: ...`).
 
     Also receives `log_z` from an `OutputLogZProbe`. Entering clears what the previous window held.
+    `record_max_logit` asks `entropy_fused` for the max attention logit, a no-grad pass over QK^T that it otherwise
+    skips (`entropy_eager` has the scores at hand and always records it).
     """
 
-    def __init__(self, include_no_grad: bool = False):
+    def __init__(self, include_no_grad: bool = False, record_max_logit: bool = True):
         self.include_no_grad = include_no_grad
+        self.record_max_logit = record_max_logit
         self.records: dict[int, LayerRecord] = {}
         self.duplicates = 0
         self.log_z: torch.Tensor | None = None

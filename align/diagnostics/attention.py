@@ -1,6 +1,7 @@
 """Attention-health reports: per-(layer, head) attention entropy statistics, their summary, JSON report and heatmap.
 
-The statistics come from the `LayerRecord`s that `entropy_eager` attention (`align.attention.kernel`) hands to an
+The statistics come from the `LayerRecord`s that `entropy_fused` (`align.attention.fused`, the default) or
+`entropy_eager` attention (`align.attention.kernel`, the reference) hands to an
 open `AttentionEntropyRecorder` (`align.attention.recorder`): during training (`align.trainers.entropy`) or offline,
 over any texts, with `measure_attention_entropy` (`align diagnose attention`).
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.fused import KERNELS
 from align.attention.recorder import AttentionEntropyRecorder, LayerRecord
 
 
@@ -164,22 +165,51 @@ def write_heatmap(normalized: torch.Tensor, path: str | Path, title: str) -> Non
 # --- Measuring a model without training (`align diagnose attention`) ---------------------------------------------
 
 
+def pack_token_ids(encoded: list[list[int]], length: int, count: int | None, separator: int | None) -> list[list[int]]:
+    """Concatenate token sequences (each followed by `separator`, e.g. EOS) and cut `count` sequences of exactly
+    `length` tokens (all the full ones when `count` is None); raises InputError when the texts are too short."""
+    from align.errors import InputError
+
+    stream = [token for ids in encoded for token in (*ids, *([] if separator is None else [separator]))]
+    available = len(stream) // length
+    if available == 0 or (count is not None and available < count):
+        raise InputError(
+            f"The texts hold {len(stream)} tokens: not enough for {count or 1} packed sequences of {length} tokens. "
+            "Read more problems (--limit) or pack fewer or shorter sequences (--num-sequences, --pack-length)."
+        )
+    return [stream[i * length : (i + 1) * length] for i in range(available if count is None else count)]
+
+
 @torch.no_grad()
 def measure_attention_entropy(
-    model, tokenizer, texts: list[str], batch_size: int = 4, max_length: int = 1024, progress: bool = True
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int = 4,
+    max_length: int = 1024,
+    progress: bool = True,
+    kernel: str = "fused",
+    pack_length: int | None = None,
+    num_sequences: int | None = None,
 ) -> HeadEntropyAccumulator:
-    """Per-(layer, head) attention entropy of `model` over `texts` (one forward each, no gradients).
+    """Per-(layer, head) attention entropy of `model` over `texts` (one forward per batch, no gradients).
 
-    Switches the model to `entropy_eager` attention. Texts are batched by length to keep padding small.
+    Switches the model to the `kernel` attention (`fused` or `eager`, align.attention.fused.KERNELS). Texts are
+    truncated to `max_length` tokens and batched by length to keep padding small; or, with `pack_length`,
+    concatenated (EOS between texts) into `num_sequences` sequences of exactly that many tokens (no padding).
     """
     from tqdm.auto import tqdm
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+    base.set_attn_implementation(KERNELS[kernel])
     model.eval()
     config = base.config.get_text_config()
     accumulator = HeadEntropyAccumulator(config.num_hidden_layers, config.num_attention_heads)
-    encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    if pack_length is None:
+        encoded = [tokenizer(text, truncation=True, max_length=max_length)["input_ids"] for text in texts]
+    else:
+        encoded = [tokenizer(text)["input_ids"] for text in texts]
+        encoded = pack_token_ids(encoded, pack_length, num_sequences, tokenizer.eos_token_id)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -6,7 +6,8 @@ maximum entropy. Optional extras: the paper's learnable per-head attention tempe
 the max-attention-logit and output log Z monitors and the z-loss. This module only wires them into TRL:
 
 - the math (both conventions, the z-loss): `align.losses.attention_entropy`;
-- the recording attention kernel, the learnable parameters and temperature folding: `align.attention`;
+- the recording attention kernels (`attention_entropy_kernel`: fused by default, eager as the reference), the
+  learnable parameters and temperature folding: `align.attention`;
 - statistics, reports, heatmaps and the log Z probe: `align.diagnostics.attention`, `align.diagnostics.log_z`;
 - the config fields: `align.trainers.entropy_config.EntropyRegularizationArguments`.
 
@@ -31,6 +32,7 @@ dict and saved as `attention_entropy.safetensors` next to every checkpoint, from
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +40,7 @@ import torch
 from transformers import TrainerCallback
 
 from align.attention.folding import check_foldable, fold_attention_temperature
-from align.attention.kernel import ATTENTION_IMPLEMENTATION
+from align.attention.fused import KERNELS
 from align.attention.modules import attention_modules
 from align.attention.parameters import MODULE_NAME, AttentionEntropyParameters
 from align.attention.recorder import AttentionEntropyRecorder
@@ -115,9 +117,10 @@ class EntropyRegularizationMixin:
         if not settings.records_attention:
             return
         current = policy.config._attn_implementation
-        if current not in (None, "eager", "sdpa", ATTENTION_IMPLEMENTATION):
-            logger.warning("attention entropy: replacing %s attention by %s", current, ATTENTION_IMPLEMENTATION)
-        policy.set_attn_implementation(ATTENTION_IMPLEMENTATION)
+        self._entropy_implementation = KERNELS[settings.attention_entropy_kernel]
+        if current not in (None, "eager", "sdpa", *KERNELS.values()):
+            logger.warning("attention entropy: replacing %s attention by %s", current, self._entropy_implementation)
+        policy.set_attn_implementation(self._entropy_implementation)
         self._entropy_modules = attention_modules(policy)
         text = policy.config.get_text_config()
         self._entropy_shape = (text.num_hidden_layers, text.num_attention_heads)
@@ -142,6 +145,7 @@ class EntropyRegularizationMixin:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+        self._entropy_recorder.record_max_logit = self._logs_this_step()
         with self._entropy_recorder:
             result = super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
@@ -151,6 +155,13 @@ class EntropyRegularizationMixin:
         if extra is not None:
             loss = loss + extra.to(loss.dtype)
         return (loss, outputs) if return_outputs else loss
+
+    def _logs_this_step(self) -> bool:
+        """Whether this optimizer step logs or writes a heatmap: only then is the max attention logit measured (a
+        no-grad pass over QK^T for the fused kernel)."""
+        step = self.state.global_step + 1
+        every = (self.args.logging_steps, _settings(self.args).attention_entropy_log_steps)
+        return any(0 < n < 1 or (n >= 1 and step % int(n) == 0) for n in every)
 
     def _loss_divisor(self, num_items_in_batch) -> int:
         """How many micro-batches the added per-micro-batch means are averaged over (mirrors Trainer.training_step)."""
@@ -171,7 +182,7 @@ class EntropyRegularizationMixin:
                 f"attention entropy: recorded {len(records)} of {len(self._entropy_modules)} attention layers in this "
                 "training forward. Usual causes: reentrant gradient checkpointing (its forward runs without "
                 "gradients; set gradient_checkpointing_kwargs={'use_reentrant': False}), or the policy's attention "
-                f"implementation was changed after the trainer set it to {ATTENTION_IMPLEMENTATION!r}."
+                f"implementation was changed after the trainer set it to {self._entropy_implementation!r}."
             )
         if recorder.duplicates and not self._entropy_duplicates_warned:
             self._entropy_duplicates_warned = True
@@ -245,10 +256,13 @@ class EntropyRegularizationMixin:
         metrics["attention_entropy/normalized_mean"].append(summary["mean_normalized_entropy"])
         metrics["attention_entropy/collapsed_frac"].append(summary["collapsed_frac"])
         metrics["attention_entropy/overloaded_frac"].append(summary["overloaded_frac"])
-        metrics["attention_logits/max"].append(max(summary["layer_max_logit"]))
+        measured = math.isfinite(max(summary["layer_max_logit"]))  # the fused kernel measures it on log steps only
+        if measured:
+            metrics["attention_logits/max"].append(max(summary["layer_max_logit"]))
         for layer in sorted(record.layer for record in records):
             metrics[f"attention_entropy/layer_{layer}"].append(summary["layer_mean_entropy"][layer])
-            metrics[f"attention_logits/layer_{layer}_max"].append(summary["layer_max_logit"][layer])
+            if measured:
+                metrics[f"attention_logits/layer_{layer}_max"].append(summary["layer_max_logit"][layer])
 
     # --- heatmaps ---------------------------------------------------------------------------------------------------
 

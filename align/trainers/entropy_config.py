@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 from align.losses.attention_entropy import CONVENTIONS, NORMALIZATIONS
 
 
+# The `attention_entropy_kernel` values (align.attention.fused.KERNELS maps them to attention implementations).
+ATTENTION_ENTROPY_KERNELS = ("fused", "eager")
+
+
 @dataclass
 class EntropyRegularizationArguments:
     """Config fields of entropy-regularized attention; mixed into any TRL config by `with_entropy_regularization`.
@@ -62,6 +66,14 @@ class EntropyRegularizationArguments:
             "`<output_dir>/attention_entropy/`. Any N > 0 also turns on the entropy metrics (0 = off)."
         },
     )
+    attention_entropy_kernel: str = field(
+        default="fused",
+        metadata={
+            "help": "`fused`: flash-style attention with the entropy from the row log-sum-exp (no T x T tensor; the "
+            "max attention logit only on logging steps); `eager`: eager attention from the full softmax (the "
+            "reference). Same values and gradients."
+        },
+    )
     z_loss: bool = field(
         default=False,
         metadata={"help": "Add the z-loss z_loss_coef * mean (log Z)^2 of the output softmax (Wortsman et al. 2024)."},
@@ -91,6 +103,11 @@ class EntropyRegularizationArguments:
                 f"one of {NORMALIZATIONS}",
             ),
             ("attention_entropy_log_steps", self.attention_entropy_log_steps >= 0, "an integer >= 0 (0 turns it off)"),
+            (
+                "attention_entropy_kernel",
+                self.attention_entropy_kernel in ATTENTION_ENTROPY_KERNELS,
+                f"one of {ATTENTION_ENTROPY_KERNELS}",
+            ),
             ("z_loss_coef", self.z_loss_coef >= 0, "a number >= 0, e.g. 1e-4"),
         ]
         for name, ok, expected in checks:
@@ -111,7 +128,7 @@ class EntropyRegularizationArguments:
 
     @property
     def records_attention(self) -> bool:
-        """Whether the policy needs `entropy_eager` attention (penalty, heatmaps/metrics, or temperatures)."""
+        """Whether the policy needs entropy-recording attention (penalty, heatmaps/metrics, or temperatures)."""
         return (
             self.attention_entropy_coef > 0
             or self.attention_entropy_log_steps > 0

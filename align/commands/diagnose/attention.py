@@ -5,6 +5,8 @@ logit per layer, and the summary: collapsed / overloaded head fractions as Jha &
 `attention_entropy.png` (the heatmap) to `--output-dir`, and prints the summary.
 
     align diagnose attention --model smollm2-135m-instruct --dataset math500.jsonl --limit 64 --output-dir runs/diag
+    align diagnose attention --dataset math500.jsonl --limit 500 --pack-length 4096 --num-sequences 8 \
+        --batch-size 1 --output-dir runs/diag-4k      # long contexts: texts concatenated into 8 x 4096 tokens
 """
 
 from __future__ import annotations
@@ -44,6 +46,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024, help="Truncate texts to this many tokens.")
+    parser.add_argument(
+        "--pack-length",
+        type=int,
+        default=None,
+        help="Concatenate the texts (EOS between them) into sequences of exactly this many tokens (no truncation, "
+        "no padding) instead of reading them one by one.",
+    )
+    parser.add_argument(
+        "--num-sequences", type=int, default=None, help="With --pack-length: how many sequences (default: all full)."
+    )
+    parser.add_argument(
+        "--kernel",
+        choices=("fused", "eager"),
+        default="fused",
+        help="Attention that measures: fused (default; no T x T tensor) or eager (the reference, T x T per head).",
+    )
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16.")
     parser.add_argument("--device", default=None, help="e.g. cuda, cpu (default: cuda if available).")
     parser.add_argument("--output-dir", required=True, help="Directory for attention_entropy.{json,png}.")
@@ -69,6 +87,12 @@ def main(argv: list[str]) -> int:
     if args.limit <= 0 or args.batch_size <= 0 or args.max_length <= 1:
         print("align diagnose attention: --limit and --batch-size must be > 0, --max-length > 1", file=sys.stderr)
         return 2
+    if (args.pack_length is not None and args.pack_length <= 1) or (args.num_sequences or 1) <= 0:
+        print("align diagnose attention: --pack-length must be > 1 and --num-sequences > 0", file=sys.stderr)
+        return 2
+    if args.num_sequences is not None and args.pack_length is None:
+        print("align diagnose attention: --num-sequences needs --pack-length", file=sys.stderr)
+        return 2
     import torch
 
     from align.data.loaders import load_problems
@@ -81,12 +105,23 @@ def main(argv: list[str]) -> int:
         print(f"align diagnose attention: no problems in {args.dataset!r} ({args.split})", file=sys.stderr)
         return 2
     model, tokenizer = load_model_and_tokenizer(
-        args.model, dtype=args.dtype, attn_implementation="entropy_eager", device=device
+        args.model, dtype=args.dtype, attn_implementation="sdpa", device=device
     )
     texts = texts_for(loaded.problems, tokenizer, args.text, args.prompt_style)
     accumulator = measure_attention_entropy(
-        model, tokenizer, texts, batch_size=args.batch_size, max_length=args.max_length
+        model,
+        tokenizer,
+        texts,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        kernel=args.kernel,
+        pack_length=args.pack_length,
+        num_sequences=args.num_sequences,
     )
+    if args.pack_length is None:
+        read = f"{len(texts)} texts"
+    else:  # every packed sequence contributes exactly pack_length query rows
+        read = f"{int(accumulator.rows[0, 0, 0]) // args.pack_length} x {args.pack_length} packed tokens"
     table = accumulator.table()
     output = Path(args.output_dir)
     summary = write_report(
@@ -98,11 +133,14 @@ def main(argv: list[str]) -> int:
         num_texts=len(texts),
         text=args.text,
         max_length=args.max_length,
+        kernel=args.kernel,
+        pack_length=args.pack_length,
+        read=read,
     )
     write_heatmap(
         table[args.normalization],
         output / "attention_entropy.png",
-        f"{Path(args.model).name} on {Path(loaded.source).name} ({len(texts)} texts)\n"
+        f"{Path(args.model).name} on {Path(loaded.source).name} ({read})\n"
         f"{args.normalization}-normalized: collapsed {summary['collapsed_frac']:.0%}, "
         f"overloaded {summary['overloaded_frac']:.0%}",
     )
