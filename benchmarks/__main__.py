@@ -9,7 +9,8 @@ from pathlib import Path
 
 def available() -> list[str]:
     modules = pkgutil.iter_modules([str(Path(__file__).parent)])
-    return sorted(m.name for m in modules if m.name != "common" and not m.name.startswith("_"))
+    # Packages are not benchmarks: benchmarks/gpu/ is the GPU kit (run.sh), with a runner of its own.
+    return sorted(m.name for m in modules if not m.ispkg and m.name != "common" and not m.name.startswith("_"))
 
 
 def default_set() -> list[str]:
