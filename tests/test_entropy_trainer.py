@@ -287,6 +287,7 @@ def test_composition_is_one_mechanism_and_off_by_default(tiny_model_dir, tokeniz
         ("attention_entropy_convention", "rows", "one of ('paper', 'code')"),
         ("attention_entropy_normalization", "keys", "one of ('context', 'visible')"),
         ("attention_entropy_log_steps", -5, "attention_entropy_log_steps=-5"),
+        ("attention_entropy_kernel", "flash", "one of ('fused', 'eager')"),
     ],
 )
 def test_config_errors_name_the_field(cpu_args, field, value, message):

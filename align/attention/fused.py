@@ -110,7 +110,8 @@ def entropy_fused_attention(
                 valid, visible = row_masks(mask, causal, query, key)
                 max_logit = torch.tensor(-math.inf, device=query.device)
                 if recorder.record_max_logit:
-                    max_logit = blockwise_score_stats(query, key, mask, causal, scaling, valid, lse=False)[1]
+                    with torch.profiler.record_function("attention_max_logit"):
+                        max_logit = blockwise_score_stats(query, key, mask, causal, scaling, valid, lse=False)[1]
                 recorder.add(LayerRecord(module.layer_idx, entropy, valid, visible, max_logit.float()))
     return output.transpose(1, 2).contiguous(), None
 
