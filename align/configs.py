@@ -16,13 +16,15 @@ from trl import ModelConfig, TrlParser
 
 from align.data.prompts import DEFAULT_INSTRUCTION
 from align.errors import InputError, InputFileNotFoundError
+from align.evaluation.callback_arguments import CoverageEvalArguments
 from align.models import DEFAULT_MODEL
 from align.precision import auto_mixed_precision
 
 
 @dataclass
-class DataArguments:
-    """Which problems to train on and how to turn them into the trainer's dataset format."""
+class DataArguments(CoverageEvalArguments):
+    """Which problems to train on and how to turn them into the trainer's dataset format (and, with
+    `coverage_eval_steps`, which held-out problems to evaluate on during training: `CoverageEvalArguments`)."""
 
     dataset_name: str = field(
         default="synthetic",

@@ -178,6 +178,10 @@ def run(method_name: str, data_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.add_callback(DistributedSanityCallback(trainer))
+    if data_args.coverage_eval_steps:  # exact coverage / sampled pass@k on held-out problems, logged as eval_*
+        from align.evaluation.callback import callback_from_arguments
+
+        trainer.add_callback(callback_from_arguments(trainer, data_args, seed=training_args.seed))
     resume = resume_checkpoint(training_args)
     if resume:
         logger.warning("resuming from %s", resume)

@@ -4,10 +4,13 @@
         --output-dir runs/x [--limit 50] [--backend auto|hf|vllm] [--seed 0]
     align eval --config eval/math500.yaml --model runs/dco --output-dir runs/dco-eval
     align eval --samples runs/x/samples.jsonl [--prm runs/prm]      # re-grade / re-score, no generation
+    align eval --model runs/dco --dataset synthetic --limit 256 --exact-coverage --temperature 1 --top-p 1 \\
+        --prompt-instruction "Give only the final answer, as \\boxed{ANSWER}." --output-dir runs/x  # no sampling
     align eval --config eval/math500.yaml --backend vllm --backend_kwargs tensor_parallel_size=2,max_model_len=4096
     accelerate launch --multi_gpu --num_processes 8 -m align.cli eval --config eval/math500.yaml ...
 
-Writes samples.jsonl, summary.json and passk.png into the output directory; rerunning resumes. See eval/README.md.
+Writes samples.jsonl, summary.json and passk.png into the output directory (with --exact-coverage also
+exact_coverage.jsonl and exact_coverage.png); rerunning resumes. See eval/README.md.
 """
 
 from __future__ import annotations
@@ -69,7 +72,11 @@ def main(argv: list[str]) -> int:
         check_scorer_paths(config.prm, config.prm_ref)  # now, not after the sampling and grading
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     summary = run_eval(config)
-    if summary is not None:
+    if summary is not None and summary["n"]:
         counts = json.dumps(summary["samples"])
         print(f"{summary['num_problems']} problems, n={summary['n']}; samples: {counts}\n{format_metrics(summary)}")
+    if summary is not None and summary.get("exact_coverage"):
+        from align.evaluation.exact_coverage import format_exact_coverage
+
+        print(format_exact_coverage(summary["exact_coverage"]))
     return 0

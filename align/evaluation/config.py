@@ -17,6 +17,7 @@ from align.evaluation.backends import (
     parse_backend_kwargs,
 )
 from align.evaluation.batching import parse_batch_size
+from align.evaluation.exact_coverage import DEFAULT_FORMAT
 from align.evaluation.generation import SamplingConfig
 from align.grading import GradingArguments
 from align.losses.implicit_reward import AGGREGATES
@@ -158,7 +159,28 @@ class SamplingRunArguments(GradingArguments):
 class EvalConfig(SamplingRunArguments):
     """`align eval`: sample n completions per problem, grade them, report pass@k / maj@k (/ bon@k with a PRM)."""
 
-    n: int = field(default=1, metadata={"help": "Samples per problem; pass@k and maj@k are reported for k <= n."})
+    n: int | None = field(
+        default=None,
+        metadata={
+            "help": "Samples per problem; pass@k and maj@k are reported for k <= n. Default 1, or 0 (no sampling) "
+            "with --exact-coverage."
+        },
+    )
+    exact_coverage: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score every problem by exact coverage (align.evaluation.exact_coverage): p = π(canonical "
+            "completion + EOS | prompt) by one forward pass, and the pass@N lower bound 1 - (1 - p)^N for N = 1..10^4 "
+            "(exact_coverage.jsonl, summary.json `exact_coverage`, exact_coverage.png), under --temperature/--top-p."
+        },
+    )
+    exact_coverage_format: str = field(
+        default=DEFAULT_FORMAT,
+        metadata={
+            "help": "The canonical completion of exact coverage, ANSWER replaced by the gold answer (default: the "
+            "direct-answer training target `$\\boxed{ANSWER}$`)."
+        },
+    )
     output_dir: str | None = field(
         default=None,
         metadata={"help": "Run directory: samples.jsonl, summary.json, passk.png. Rerunning it resumes."},
@@ -195,8 +217,20 @@ class EvalConfig(SamplingRunArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.n is None:
+            self.n = 0 if self.exact_coverage else 1
+        if self.n < (0 if self.exact_coverage else 1):
+            raise ValueError(f"n must be >= 1 (or 0 with --exact-coverage), got {self.n}")
+        if self.exact_coverage and self.samples:
+            raise ValueError(
+                "exact_coverage scores the model on the dataset's problems, which --samples does not read: run "
+                "--exact-coverage without --samples"
+            )
+        if self.exact_coverage and "ANSWER" not in self.exact_coverage_format:
+            raise ValueError(
+                f"exact_coverage_format {self.exact_coverage_format!r} has no ANSWER slot for the gold answer, "
+                "e.g. '$\\boxed{ANSWER}$'"
+            )
         if self.samples is None and self.output_dir is None:
             raise ValueError(
                 "output_dir is required (where samples.jsonl and summary.json go), e.g. --output-dir runs/x"

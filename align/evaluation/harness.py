@@ -5,6 +5,8 @@
 -> samples.jsonl, one record per problem, flushed as soon as it is graded (`align.evaluation.runs`: resumable,
 sharded over processes) -> optional PRM scores (`align.evaluation.scoring`) -> summary.json + passk.png
 (`align.evaluation.report`). `regrade_samples` is `align eval --samples FILE`: the same from existing generations.
+With `--exact-coverage` every problem is also (with `--n 0`, only) scored by exact coverage
+(`align.evaluation.exact_coverage_run`): summary.json's `exact_coverage` block and exact_coverage.png.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 
 from align.errors import InputFileNotFoundError
 from align.evaluation.backends import resolve_backend_name
+from align.evaluation.exact_coverage_run import exact_only_summary, run_exact_coverage
 from align.evaluation.grouping import grade_records
 from align.evaluation.records import (
     RUN_CONFIG_FILE,
@@ -44,6 +47,9 @@ def run_eval(config) -> dict | None:
     loaded = load_problems_as_configured(config)
     if not loaded.problems:
         raise ValueError(f"{loaded.source} has no valid problems to evaluate")
+    if config.n == 0:  # --exact-coverage alone: nothing is sampled
+        block = run_exact_coverage(config, loaded.problems, output_dir)
+        return None if block is None else exact_only_summary(config, loaded, block)
     records = collect_samples(loaded.problems, config, config.n, output_dir)
     if records is None:
         return None
@@ -62,6 +68,8 @@ def run_eval(config) -> dict | None:
             "prm": prm,
         },
     )
+    if config.exact_coverage:
+        summary["exact_coverage"] = run_exact_coverage(config, loaded.problems, output_dir)
     write_report(summary, output_dir, plot=config.plot)
     return summary
 

@@ -2,6 +2,7 @@
 
 `plot_curves` is the one implementation; `align.evaluation.report.plot_passk` (passk.png of `align eval`) and
 `plot_family` (`align.pipeline.plot_pass_curves`: `align demo`, `align repro`) only choose which curves to draw.
+`plot_exact_coverage` draws exact-coverage curves (N = 1..10^4, log-10 axis) of one or several runs.
 """
 
 from __future__ import annotations
@@ -86,3 +87,37 @@ def plot_family(summaries: dict[str, dict], path: Path, *, title: str, family: s
     }
     errors = {name: curve_errors(summary, family) for name, summary in summaries.items()}
     return plot_curves(curves, path, title=title, ylabel=f"{family}@k", errors=errors)
+
+
+def plot_exact_coverage(blocks: dict[str, dict], path: Path, *, title: str) -> Path:
+    """Exact-coverage curves (`align.evaluation.exact_coverage.coverage_block`), one per run (`name: block`): the
+    pass@N lower bound against N = 1..10^4 on a log-10 axis, with 95 % bootstrap intervals at the key N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for index, (name, block) in enumerate(blocks.items()):
+        (line,) = axis.plot(
+            block["curve"]["n"], block["curve"]["pass"], linestyle=LINESTYLES[index % len(LINESTYLES)], label=name
+        )
+        ns = [int(n) for n in block["ci95"]]
+        values = [block["pass_at"][str(n)] for n in ns]
+        below = [value - block["ci95"][str(n)][0] for n, value in zip(ns, values)]
+        above = [block["ci95"][str(n)][1] - value for n, value in zip(ns, values)]
+        axis.errorbar(
+            ns, values, yerr=[below, above], fmt=MARKERS[index % len(MARKERS)], color=line.get_color(), capsize=2
+        )
+    axis.set_xscale("log")
+    axis.set_xlabel("N (samples per problem)")
+    axis.set_ylabel("pass@N lower bound (exact)")
+    axis.set_ylim(0, 1)
+    axis.grid(True, alpha=0.3)
+    axis.legend()
+    axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
