@@ -378,3 +378,32 @@ def test_no_heads_by_T_by_T_tensor_in_forward_or_saved_for_backward(tiny_model_d
     assert penalty > 0 and model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
     assert mode.seen == [], mode.seen[:5]
     assert saved == [], saved[:5]
+
+
+def test_diagnose_attention_packs_texts_and_both_kernels_agree(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from align.cli import main
+
+    reports = {}
+    for kernel in ("fused", "eager"):
+        out = tmp_path / kernel
+        arguments = ["diagnose", "attention", "--model", tiny_model_dir, "--dataset", "synthetic", "--limit", "20"]
+        arguments += ["--pack-length", "96", "--num-sequences", "3", "--batch-size", "2", "--kernel", kernel]
+        assert main([*arguments, "--output-dir", str(out), "--device", "cpu"]) == 0
+        reports[kernel] = json.loads((out / "attention_entropy.json").read_text())
+        assert (out / "attention_entropy.png").read_bytes()[:4] == b"\x89PNG"
+    fused_report, eager_report = reports["fused"], reports["eager"]
+    assert fused_report["read"] == "3 x 96 packed tokens" and fused_report["kernel"] == "fused"
+    for key in ("entropy_nats", "entropy_normalized_visible"):
+        torch.testing.assert_close(torch.tensor(fused_report[key]), torch.tensor(eager_report[key]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(fused_report["summary"]["layer_max_logit"]),
+        torch.tensor(eager_report["summary"]["layer_max_logit"]),
+        atol=1e-5,
+        rtol=1e-6,
+    )
+    too_many = ["diagnose", "attention", "--model", tiny_model_dir, "--dataset", "synthetic", "--limit", "2"]
+    too_many += ["--pack-length", "4096", "--output-dir", str(tmp_path / "x"), "--device", "cpu"]
+    assert main(too_many) != 0
+    assert "not enough for 1 packed sequences of 4096 tokens" in capsys.readouterr().err

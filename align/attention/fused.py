@@ -147,21 +147,24 @@ def blockwise_score_stats(
     block = block or QUERY_BLOCK
     batch, heads, queries, dim = query.shape
     kv_heads, keys = key.shape[1], key.shape[2]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, queries, dim)
-    key_t = key.transpose(-1, -2)[:, :, None]
+    groups = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, groups, queries, dim)
+    key_t = key.transpose(-1, -2)
     wide = torch.promote_types(query.dtype, torch.float32)
     sums = torch.empty(batch, heads, queries, dtype=wide, device=query.device) if lse else None
     best = torch.tensor(-math.inf, device=query.device)
     for start in range(0, queries, block):
         stop = min(start + block, queries)
         width = stop if causal else keys
-        scores = (grouped[..., start:stop, :] @ key_t[..., :width]).flatten(1, 2).to(wide) * scale
+        rows = grouped[:, :, :, start:stop].reshape(batch, kv_heads, groups * (stop - start), dim) * scale
+        # one batched matmul per KV head group, then masked in place (no further block-sized temporaries)
+        scores = torch.matmul(rows, key_t[..., :width]).view(batch, heads, stop - start, width).to(wide)
         if mask is not None:
             piece = mask[:, :, start:stop, :width]
-            scores = scores.masked_fill(~piece, -math.inf) if piece.dtype == torch.bool else scores + piece.to(wide)
-        elif causal:
-            later = torch.arange(width, device=query.device) > torch.arange(start, stop, device=query.device)[:, None]
-            scores = scores.masked_fill(later, -math.inf)
+            scores.masked_fill_(~piece, -math.inf) if piece.dtype == torch.bool else scores.add_(piece)
+        elif causal:  # only the diagonal tile has hidden keys
+            later = torch.arange(start, stop, device=query.device)
+            scores[..., start:stop].masked_fill_(later > later[:, None], -math.inf)
         if lse:
             block_lse = torch.logsumexp(scores, -1)
             sums[:, :, start:stop] = block_lse.masked_fill(block_lse == -math.inf, 0.0)
