@@ -407,3 +407,28 @@ def test_diagnose_attention_packs_texts_and_both_kernels_agree(tiny_model_dir, t
     too_many += ["--pack-length", "4096", "--output-dir", str(tmp_path / "x"), "--device", "cpu"]
     assert main(too_many) != 0
     assert "not enough for 1 packed sequences of 4096 tokens" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_fused_equals_eager_with_left_padding(smollm2_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    tokenizer.padding_side = "left"
+    texts = ["Compute 3 + 4 and explain each step of the addition carefully.", "Hello!"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    results = {}
+    for implementation in KERNELS.values():
+        recorder = AttentionEntropyRecorder(include_no_grad=True)
+        with recorder, torch.no_grad():
+            logits = load(smollm2_path, implementation)(**batch).logits[real]
+        results[implementation] = (logits, recorder.layer_records())
+    (fused_logits, fused_records), (eager_logits, eager_records) = results.values()
+    scale = eager_logits.abs().max()  # logits reach ~35: fp32 summation order moves them by ~1e-5 relative
+    assert (fused_logits - eager_logits).abs().max() <= 1e-5 * scale
+    assert len(fused_records) == 30
+    for got, want in zip(fused_records, eager_records, strict=True):
+        rows = got.valid_rows[:, None].expand_as(got.entropy)
+        torch.testing.assert_close(got.entropy[rows], want.entropy[rows], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got.max_logit, want.max_logit, atol=1e-4, rtol=1e-5)
