@@ -6,7 +6,8 @@
 A check that raises is recorded as failed (its error's last line, the traceback on stderr) and the next one runs;
 a check over its budget is stopped by an alarm and recorded as skipped with that reason, and so is every check that
 finds less than its minimum left of the whole run's budget. Checks run in order of importance, so a short lease
-loses the least important ones. `--checks a,b` (or GPU_KIT_CHECKS) runs a subset, in the same order;
+loses the least important ones. `--checks a,b` (or GPU_KIT_CHECKS) runs a subset, in the same order, and
+`--budget-s S` (or GPU_KIT_BUDGET_S) sets the whole run's budget;
 GPU_KIT_FAIL_CHECK=1 adds a check that raises, which the tests use to show the others still run.
 """
 
@@ -56,7 +57,7 @@ CHECKS = [
 ]
 TOTAL_BUDGET_S = 420  # run.sh's 8 minutes, less installing the wheels and importing torch
 TINY_BUDGET_S, TINY_CHECK_BUDGET_S = 240, 90  # a shared 2-core CPU
-FAIL_ENV, SUBSET_ENV = "GPU_KIT_FAIL_CHECK", "GPU_KIT_CHECKS"
+FAIL_ENV, SUBSET_ENV, BUDGET_ENV = "GPU_KIT_FAIL_CHECK", "GPU_KIT_CHECKS", "GPU_KIT_BUDGET_S"
 
 
 def _deliberate_failure(kit: Kit) -> dict:
@@ -115,7 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
     parser.add_argument("--tiny", action="store_true", help="tiny models and sizes (the CPU run in CI)")
     parser.add_argument("--checks", default=os.environ.get(SUBSET_ENV), help="comma-separated subset of the checks")
-    parser.add_argument("--budget-s", type=float, help="the whole run's budget (default 420, 240 with --tiny)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=float(os.environ[BUDGET_ENV]) if os.environ.get(BUDGET_ENV) else None,
+        help=f"the whole run's budget in seconds (default 420, 240 with --tiny; or {BUDGET_ENV})",
+    )
     args = parser.parse_args(argv)
     checks = selected(args.checks)
 

@@ -46,6 +46,8 @@ QWEN2_1_5B = Shape(
         tie_word_embeddings=True,
     ),
 )
+# The same layers, 4 of them: the DeepSpeed checks launch three processes that each load the model.
+QWEN2_1_5B_4_LAYERS = Shape("qwen2-1.5b-shaped-4-layers", "qwen2", {**QWEN2_1_5B.fields, "num_hidden_layers": 4})
 # meta-llama/Llama-3.1-8B's layer shape with 8 of its 32 layers (2.8 B parameters, a third in the 128k vocabulary).
 LLAMA_8B_8_LAYERS = Shape(
     "llama-8b-shaped-8-layers",
@@ -71,8 +73,10 @@ _TINY_FIELDS = dict(
     num_key_value_heads=2,
     max_position_embeddings=1024,
 )
+_TINY_QWEN2 = Shape("qwen2-tiny", "qwen2", {**_TINY_FIELDS, "tie_word_embeddings": True})
 TINY_SHAPES = {
-    QWEN2_1_5B.name: Shape("qwen2-tiny", "qwen2", {**_TINY_FIELDS, "tie_word_embeddings": True}),
+    QWEN2_1_5B.name: _TINY_QWEN2,
+    QWEN2_1_5B_4_LAYERS.name: _TINY_QWEN2,
     LLAMA_8B_8_LAYERS.name: Shape("llama-tiny", "llama", {**_TINY_FIELDS, "tie_word_embeddings": False}),
 }
 
@@ -96,7 +100,7 @@ class Sizes:
     deepspeed_steps: int
 
 
-FULL = Sizes(1024, 8, 512, 4, (4096, 8192), 4, 2, 8, 64, (1, 16, 64), 128, 64, 4)
+FULL = Sizes(1024, 4, 512, 4, (4096, 8192), 4, 2, 8, 64, (1, 16, 64), 128, 64, 4)
 TINY = Sizes(128, 4, 64, 2, (256, 512), 2, 2, 4, 8, (1, 16, 64), 8, 8, 3)
 
 

@@ -71,6 +71,10 @@ def training_step_fn(
 
     trainer.create_optimizer()
     trainer.model.train()
+    if trainer.args.gradient_checkpointing:  # the Trainer turns it on in `train()`, which timed steps bypass
+        trainer.model.gradient_checkpointing_enable(trainer.args.gradient_checkpointing_kwargs)
+        if not trainer.model.is_gradient_checkpointing:
+            raise RuntimeError(f"{type(trainer).__name__}: gradient checkpointing did not turn on")
     trainer.current_gradient_accumulation_steps = 1  # set by the Trainer's loop, which training_step runs inside
     cycle = itertools.cycle(batches)
     seeds = itertools.count()

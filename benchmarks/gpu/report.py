@@ -29,6 +29,8 @@ def row(record: dict) -> list[str]:
     detail = record.get("setting", "")
     if record.get("kernel"):
         detail += f"; kernel {record['kernel']} ({record.get('attn_implementation')})"
+    if "max_relative_loss_difference" in record:
+        detail += f"; losses within {record['max_relative_loss_difference']:.2%} of the plain run's"
     if record["status"] != "ok":
         detail = record.get("reason") or record.get("error", "")
     cells = [record["check"], record["status"], ratios, _numbers(rates), memory, f"{record['wall_s']:.1f}", detail]
@@ -50,7 +52,7 @@ def header(environment: dict, mode: str) -> str:
         "",
         f"- date: {environment['date']}",
         f"- device: {device} (torch CUDA {gpu.get('torch_cuda')})",
-        f"- Python {environment['python']} on {environment['machine']}, {environment['cpu_threads']} CPU threads",
+        f"- Python {environment['python']} on {environment['machine']}, torch threads: {environment['cpu_threads']}",
         f"- packages: {packages}",
     ]
     if environment["requirement_mismatches"]:

@@ -45,7 +45,11 @@ export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_D
 # The checks set their precision themselves (bf16 autocast on CUDA, float32 on CPU), whatever `auto` would pick.
 export ALIGN_PRECISION=${ALIGN_PRECISION:-fp32}
 
-if (( ! tiny )); then
+if (( tiny )); then
+    # One thread: the tiny model's matmuls gain nothing from a second, and on a loaded 2-core machine two threads
+    # that wait for each other made each one 100x slower (0.14 ms -> 19 ms for a 512 x 64 x 128 matmul).
+    export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+else
     wheels=$ROOT/benchmarks/gpu/wheels
     if ! ls "$wheels"/*.whl > /dev/null 2>&1; then
         echo "run.sh: no wheels in $wheels: run 'bash benchmarks/gpu/wheels.sh' here first and carry that folder" >&2

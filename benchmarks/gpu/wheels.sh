@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu/wheels.sh            # download + build, check the size, print the carry list
 #   bash benchmarks/gpu/wheels.sh --dry-run  # print what would be fetched or built (no network)
+#   bash benchmarks/gpu/wheels.sh --with-pyarrow  # also pyarrow (52.5 MiB: 62 MiB in all, just under the limit)
 #
 # The GPU machine (device README, KINDS.md "Python packages already there", read 2026-11-17) has torch,
 # transformers, accelerate, huggingface-hub, tokenizers, safetensors, numpy, pandas, pyarrow, fsspec, xxhash,
@@ -11,7 +12,9 @@
 # GPU run uses what the tests passed with. peft is on the GPU machine too, in a version nobody has read; align pins
 # peft 0.21 (pyproject), so the tested peft travels as well (pure Python, < 1 MB). DeepSpeed is built here from
 # its sdist with no prebuilt ops (DS_BUILD_OPS=0: a pure-Python wheel; ops are JIT-compiled on first use), and
-# align itself is built from this checkout.
+# align itself is built from this checkout. pyarrow is on the GPU machine in a version nobody has read; datasets 5.2
+# needs pyarrow >= 24. If run.sh's first lines say it is older, rerun this with --with-pyarrow (the cp312 wheel is
+# 52.5 MiB, so it fits only with little else in the tree).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -32,11 +35,13 @@ PACKAGES=(
 BUILT_FROM_SDIST=deepspeed
 
 dry_run=0
-case "${1:-}" in
-    --dry-run) dry_run=1 ;;
-    "") ;;
-    *) echo "wheels.sh: unknown option '$1' (use --dry-run or nothing)" >&2; exit 2 ;;
-esac
+for option in "$@"; do
+    case "$option" in
+        --dry-run) dry_run=1 ;;
+        --with-pyarrow) PACKAGES+=(pyarrow) ;;
+        *) echo "wheels.sh: unknown option '$option' (use --dry-run, --with-pyarrow or nothing)" >&2; exit 2 ;;
+    esac
+done
 
 if [[ ! -x $PYTHON ]]; then
     echo "wheels.sh: no Python at $PYTHON: create the venv (README, Install) or set PYTHON=..." >&2
