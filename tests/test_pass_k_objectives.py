@@ -437,3 +437,15 @@ def test_the_table_dispatches_each_objectives_parameters():
     torch.testing.assert_close(pass_k_advantages("max_k_loo", rewards, k=3), max_k_loo_advantages(rewards))
     for name, entry in OBJECTIVES.items():
         assert entry.paper.startswith("arXiv"), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    rewards = (torch.rand(16, 8, generator=torch.Generator().manual_seed(0)) < 0.4).double()
+    rewards[3, 2] = math.nan  # a group with an unscored sample
+    continuous = torch.randn(16, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for name in PASS_K_OBJECTIVES:
+        for values in (rewards, continuous) if not OBJECTIVES[name].binary_only else (rewards,):
+            on_gpu = pass_k_advantages(name, values.cuda(), k=3)
+            assert on_gpu.device.type == "cuda", name
+            torch.testing.assert_close(on_gpu.cpu(), pass_k_advantages(name, values, k=3), rtol=1e-12, atol=1e-14)
