@@ -13,16 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from align.commands.demo import DIRECT_ANSWER_INSTRUCTION
-from align.errors import InputError
+from align.experiments.runs import check_repro_config
+from align.experiments.runs import slug as _slug
 
 
-HELP = "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs)."
+HELP = (
+    "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs), `align repro "
+    "pass-k` (every pass@k objective against GRPO)."
+)
 
 
 @dataclass
@@ -53,58 +56,10 @@ QUICK = ReproSize(
 )
 
 
-def _slug(method: str) -> str:
-    """A directory name for a method label: "DCO N'=16" -> "dco_n16" (no quotes or spaces to escape in a shell)."""
-    return re.sub(r"[^a-z0-9]+", "_", method.lower().replace("'=", "")).strip("_")
-
-
 def _checkpoints_by_epoch(run_dir: Path) -> dict[int, Path]:
     """With save_strategy=epoch the k-th checkpoint (by step) is the end of epoch k."""
     checkpoints = sorted(run_dir.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
     return {epoch: path for epoch, path in enumerate(checkpoints, start=1)}
-
-
-REPRO_CONFIG_FILE = "repro_config.json"
-
-
-class ReproConfigMismatchError(InputError):
-    """The output directory holds results of an experiment with another configuration."""
-
-
-def _has_results(output_dir: Path) -> bool:
-    """Any trained checkpoint or model, any recorded sample, any measured confidence under `output_dir`."""
-    from align.checkpoints import is_complete
-    from align.evaluation.records import read_jsonl
-    from align.pipeline import is_trained
-
-    runs = [path for path in (output_dir / "train").glob("*") if path.is_dir()]
-    if any(is_trained(run) or any(map(is_complete, run.glob("checkpoint-*"))) for run in runs):
-        return True
-    if any(read_jsonl(path) for path in (output_dir / "eval").glob("*/samples*.jsonl")):
-        return True
-    return any((output_dir / "confidence").glob("*.json"))
-
-
-def check_repro_config(output_dir: Path, config: dict) -> None:
-    """Record the experiment's configuration in `repro_config.json`; refuse a different one once results exist.
-
-    A directory whose earlier run produced nothing (it failed first, say on a misspelt --model) takes the new one.
-    """
-    path = output_dir / REPRO_CONFIG_FILE
-    if path.exists():
-        stored = json.loads(path.read_text())
-        differences = [
-            f"{key}: {stored.get(key)!r} (existing) vs {config.get(key)!r} (now)"
-            for key in sorted(set(stored) | set(config))
-            if stored.get(key) != config.get(key)
-        ]
-        if differences and _has_results(output_dir):
-            raise ReproConfigMismatchError(
-                f"{output_dir} holds results of a different configuration ({'; '.join(differences)}); use another "
-                f"--output-dir, or delete {output_dir} to start over"
-            )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2))
 
 
 def _confidence(model_path: Path | str, problems, size: ReproSize, cache: Path) -> dict:
@@ -252,8 +207,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="align repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=["dco"], help="Which paper effect to reproduce.")
-    parser.add_argument("--output-dir", "--output_dir", default="runs/repro-dco")
+    parser.add_argument("experiment", choices=["dco", "pass-k"], help="Which paper effect to reproduce.")
+    parser.add_argument("--output-dir", "--output_dir", help="Default: runs/repro-<experiment>.")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in a few minutes.")
     sizes = parser.add_argument_group("size overrides (default: the full sweep, about 3 hours on 2 CPU cores)")
@@ -263,7 +218,15 @@ def main(argv: list[str]) -> int:
     sizes.add_argument("--num-train", "--num_train", type=int, help="Synthetic training problems.")
     sizes.add_argument("--num-test", "--num_test", type=int, help="Held-out test problems.")
     sizes.add_argument("--levels", type=int, nargs="+", help="Synthetic difficulty levels (1-5).")
+    pass_k = parser.add_argument_group("pass-k (align.experiments.pass_k)")
+    pass_k.add_argument("--seeds", type=int, nargs="+", help="Training seeds of every arm (default 0 1; --quick: 0).")
+    pass_k.add_argument("--objectives", nargs="+", help="Arms to train (default all; must include grpo).")
     args = parser.parse_args(argv)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if args.experiment == "pass-k":
+        return _pass_k(parser, args)
+    if args.seeds is not None or args.objectives is not None:
+        parser.error("--seeds and --objectives belong to `align repro pass-k`")
     size = QUICK if args.quick else ReproSize()
     overrides = {
         name: getattr(args, name)
@@ -276,6 +239,23 @@ def main(argv: list[str]) -> int:
             parser.error(f"--{name.replace('_', '-')}: got {value}; sizes must be >= 1 and levels in 1..5")
     if "epochs" in overrides:
         overrides["epochs"] = sorted(set(overrides["epochs"]))
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    run_dco_repro(Path(args.output_dir), replace(size, **overrides), args.model)
+    run_dco_repro(Path(args.output_dir or "runs/repro-dco"), replace(size, **overrides), args.model)
+    return 0
+
+
+def _pass_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from align.experiments import pass_k
+
+    if any(getattr(args, name) is not None for name in ("epochs", "pass_ns", "n", "num_train", "num_test", "levels")):
+        parser.error("--epochs/--pass-n/--n/--num-train/--num-test/--levels belong to `align repro dco`")
+    arms = args.objectives or list(pass_k.ARMS)
+    unknown = [arm for arm in arms if arm not in pass_k.ARMS]
+    if unknown or pass_k.BASELINE not in arms:
+        parser.error(f"--objectives: got {arms}; choose from {' '.join(pass_k.ARMS)}, including {pass_k.BASELINE}")
+    seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1]
+    output_dir = Path(args.output_dir or ("runs/repro-pass-k-quick" if args.quick else "runs/repro-pass-k"))
+    size = pass_k.QUICK if args.quick else pass_k.ProvingGroundSize()
+    pass_k.run_pass_k_proving_ground(
+        output_dir, size, args.model, instruction=DIRECT_ANSWER_INSTRUCTION, seeds=seeds, arms=arms
+    )
     return 0
