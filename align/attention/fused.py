@@ -97,7 +97,7 @@ def entropy_fused_attention(
         return output.transpose(1, 2).contiguous(), None
 
     # Always when gradients are on, recorder or not: checkpoint recomputation must replay the same operations.
-    output, log_sum_exp = _attention(query, key, value, mask, causal, scaling, use_cpu_kernel, with_lse=True)
+    output, log_sum_exp = _attention(query, key, value, mask, causal, scaling, use_cpu_kernel)
     with torch.profiler.record_function("attention_entropy"):
         mean_key = _attention(query, key, key.detach(), mask, causal, scaling, use_cpu_kernel)[0]
         if log_sum_exp is None:
@@ -116,7 +116,7 @@ def entropy_fused_attention(
     return output.transpose(1, 2).contiguous(), None
 
 
-def _attention(query, key, value, mask, causal, scale, use_cpu_kernel, with_lse=False):
+def _attention(query, key, value, mask, causal, scale, use_cpu_kernel):
     """(output, logsumexp or None): the CPU flash kernel (GQA native) or `scaled_dot_product_attention`."""
     if use_cpu_kernel:
         output, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
