@@ -22,13 +22,19 @@ def _version(name: str) -> str | None:
         return None
 
 
-def requirement_mismatches(distributions=("align", "trl", "datasets", "peft")) -> list[str]:
+DISTRIBUTIONS = ("align", "trl", "datasets", "peft", "deepspeed", "pydantic", "math-verify", "latex2sympy2_extended")
+
+
+def requirement_mismatches(distributions=DISTRIBUTIONS) -> list[str]:
     """Requirements of these distributions that the installed packages do not meet (wheels travel with
     `--no-deps`, so pip checks none of them there)."""
     from packaging.requirements import Requirement
 
     problems = []
     for distribution in distributions:
+        if _version(distribution) is None:
+            problems.append(f"{distribution}: not installed")
+            continue
         for line in metadata.requires(distribution) or []:
             requirement = Requirement(line)
             if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):

@@ -4,9 +4,9 @@
 #   bash benchmarks/gpu/run.sh OUTDIR                      # on the GPU machine: install the carried wheels, run
 #   bash benchmarks/gpu/run.sh --tiny --device cpu OUTDIR  # here / in CI: tiny models, no install
 #
-# Writes OUTDIR/gpu.jsonl (one JSON line per check) and OUTDIR/gpu.md (the table). Without --tiny it first installs
-# benchmarks/gpu/wheels/*.whl (made by wheels.sh) into a target folder with no network and no dependency
-# resolution, and puts that folder first on PYTHONPATH, so the carried versions win over the machine's own.
+# Writes OUTDIR/gpu.jsonl (one JSON line per check), OUTDIR/gpu.md (the table) and OUTDIR/run.log. Without --tiny it
+# first installs benchmarks/gpu/wheels/*.whl (made by wheels.sh) into a target folder with no network and no
+# dependency resolution, and puts that folder first on PYTHONPATH, so the carried versions win over the machine's own.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -31,6 +31,10 @@ fi
 case "$device" in cpu | cuda | cuda:*) ;; *) echo "run.sh: --device $device: use cpu or cuda" >&2; exit 2 ;; esac
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# The whole log comes back as a file too (the device tool returns only the output's last 12,000 characters).
+exec > >(tee "$out/run.log") 2>&1
+tee_pid=$!
+trap 'exec >&- 2>&-; wait "$tee_pid"' EXIT  # let tee write the last lines before the command returns
 
 # The venv of this checkout where there is one (here, CI); the machine's python3 elsewhere (the GPU machine).
 PYTHON=${PYTHON:-}
@@ -39,7 +43,7 @@ if [[ -z $PYTHON ]]; then
 fi
 
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
-export TRL_EXPERIMENTAL_SILENCE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
+export TRL_EXPERIMENTAL_SILENCE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore::FutureWarning
 # No progress bars (dataset maps, weight loading) in the log: it comes back as its last 12,000 characters.
 export HF_DATASETS_DISABLE_PROGRESS_BARS=1 HF_HUB_DISABLE_PROGRESS_BARS=1 TQDM_DISABLE=1
 # The checks set their precision themselves (bf16 autocast on CUDA, float32 on CPU), whatever `auto` would pick.

@@ -106,7 +106,7 @@ def hf_generation(kit: Kit) -> dict:
         "setting": f"{kit.inference_dtype} weights, {sizes.new_tokens} new tokens per sequence",
         "tokens_per_s": rates,
         "ratios": {name: round(rate / rates["batch_1"], 2) for name, rate in rates.items() if name != "batch_1"},
-        "baseline": "batch_1 (tokens/s ratio)",
+        "baseline": "batch_1, in tokens/s",
         "peak_mib": peaks,
         "memory": "cuda max_memory_allocated" if kit.cuda else "peak RSS above the call's start",
     }
