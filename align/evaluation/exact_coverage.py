@@ -122,8 +122,9 @@ def completion_log_probs(
     prompt) under the sampling distribution (module docstring), from one forward pass per batch.
 
     Rows are sorted by length and left-padded, with position ids counted from each row's first real token (as
-    `generate` does), so every completion ends at the last position and the logits of its last len + 1 positions
-    are the only ones computed (`logits_to_keep`). log p is -inf when p = 0 (T = 0 or top-p cut a token).
+    `generate` does), so every completion ends at the last position; only the len + 1 positions that predict a
+    completion token or the end of sequence get logits (`_completion_logits`). log p is -inf when p = 0 (T = 0 or
+    top-p cut a token).
     """
     import torch
 
@@ -136,22 +137,45 @@ def completion_log_probs(
         rows = order[start : start + batch_size]
         sequences = [encoded[i][0] + encoded[i][1] for i in rows]
         width = max(map(len, sequences))
-        keep = max(len(encoded[i][1]) for i in rows) + 1
         input_ids = torch.tensor([[pad] * (width - len(s)) + s for s in sequences], device=device)
         mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        counts = [len(encoded[i][1]) + 1 for i in rows]
         with torch.no_grad():
-            logits = model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False
-            ).logits
-        for row, index in enumerate(rows):
+            per_row = _completion_logits(model, input_ids, mask, counts)
+        for scores, index in zip(per_row, rows):
             ids = encoded[index][1]
-            # kept position j predicts the token at width - keep + j + 1: the completion's tokens, then EOS
-            scores = logits[row, keep - len(ids) - 1 :]
             token_lp = sampler_log_probs(scores[:-1], torch.tensor(ids, device=device)[:, None], temperature, top_p)
             eos_lp = sampler_log_probs(scores[-1:], eos[None, :], temperature, top_p)
             total = float(token_lp.sum() + torch.logsumexp(eos_lp, dim=-1).sum())
             yield index, total, len(ids) + 1
+
+
+def _completion_logits(model, input_ids, mask, counts: list[int]) -> list:
+    """Per row, the logits (counts[row], vocab) of its last counts[row] positions.
+
+    A boolean `logits_to_keep` (transformers >= 5) projects exactly those positions, as one 2-D matrix product. An
+    integer `logits_to_keep=K` slices the last K positions of (batch, length, hidden) into a non-contiguous view,
+    which torch 2.13 multiplies with a head weight that does not require grad (a frozen head under LoRA) as a
+    batched product copying the weight per row: SmolLM2's head on 32 rows x 9 positions took 14.5 s in bf16 (4.1 s in
+    float32) against 0.16 s (0.56 s) for the masked rows, 2 shared cores. Models whose forward cannot take a mask
+    get the slice.
+    """
+    import torch
+
+    width = input_ids.shape[1]
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    inputs = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions, "use_cache": False}
+    keep = torch.zeros_like(mask, dtype=torch.bool)
+    for row, count in enumerate(counts):
+        keep[row, width - count :] = True
+    try:
+        logits = model(**inputs, logits_to_keep=keep).logits
+        if logits.ndim == 2 and logits.shape[0] == sum(counts):
+            return list(logits.split(counts))
+    except (TypeError, IndexError):
+        pass
+    logits = model(**inputs, logits_to_keep=max(counts)).logits
+    return [logits[row, -count:] for row, count in enumerate(counts)]
 
 
 def log1mexp(log_p: np.ndarray) -> np.ndarray:
