@@ -10,7 +10,7 @@ from align.experiments import pass_k
 from align.experiments.pass_k_report import check_claims
 
 
-@pytest.mark.slow  # 140 s on 2 cores shared by 4 jobs
+@pytest.mark.slow  # 70-140 s on 2 cores shared by 4 jobs
 def test_pass_k_proving_ground_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "pass-k"
     argv = ["repro", "pass-k", "--quick", "--model", tiny_model_dir, "--output-dir", str(out)]
@@ -24,6 +24,7 @@ def test_pass_k_proving_ground_on_tiny_model(tiny_model_dir, tmp_path, monkeypat
         values = [row["exact"][f"pass@{n}"] for n in (1, 16, 256, 4096)]
         assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values)
         assert set(row["sampled"]) == {"pass@1", "pass@4"}  # --quick draws n = 4
+    assert all(0.0 <= row["training"]["frac_reward_zero_std"] <= 1.0 for row in results["rows"][1:])
     (pkpo,) = [row for row in results["rows"] if row["arm"] == "pkpo"]
     assert set(pkpo["vs_grpo"]) == {"pass@1", "pass@16", "pass@256", "pass@4096"}
     assert pkpo["vs_grpo"]["pass@1"]["low"] <= pkpo["vs_grpo"]["pass@1"]["diff"] <= pkpo["vs_grpo"]["pass@1"]["high"]
@@ -80,8 +81,11 @@ def _cell(diff, low, high):
     return {"diff": diff, "low": low, "high": high}
 
 
-def _comparisons(pass_1: dict, large: dict) -> dict:
-    return {f"{arm}-s0": {"pass@1": pass_1[arm], "pass@256": large[arm], "pass@4096": large[arm]} for arm in pass_1}
+def _comparisons(pass_1: dict, large: dict, gain=None) -> dict:
+    comparisons = {"grpo_vs_start-s0": {"pass@1": gain or _cell(0.04, 0.02, 0.06)}}
+    for arm in pass_1:
+        comparisons[f"{arm}-s0"] = {"pass@1": pass_1[arm], "pass@256": large[arm], "pass@4096": large[arm]}
+    return comparisons
 
 
 def test_claims_read_the_intervals():
@@ -96,6 +100,10 @@ def test_claims_read_the_intervals():
     claims = check_claims(_comparisons(pass_1, large), [0], arms, pass_k.ONLINE_ARMS, margin=0.02)
     assert [c["verdict"] for c in claims[:3]] == ["refuted", "held", "refuted"]
     assert "pkpo (seed 0)" in claims[0]["why"]
+    # GRPO must raise pass@1 above the start for claim 1 to hold at all.
+    pass_1["pkpo"] = _cell(-0.05, -0.08, -0.02)
+    no_gain = _comparisons(pass_1, large, gain=_cell(0.01, -0.01, 0.03))
+    assert check_claims(no_gain, [0], arms, pass_k.ONLINE_ARMS, margin=0.02)[0]["verdict"] == "not shown"
 
 
 @pytest.mark.parametrize(

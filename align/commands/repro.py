@@ -6,6 +6,10 @@ cross-entropy and DCO (N' = 16 and 64) LoRA adapters of SmolLM2-135M-Instruct on
 answers for up to E epochs, evaluates the checkpoints after epochs 1, 2, 4, 8 (pass@1..64, maj@64) and measures the
 greedy-answer confidence of each, then writes a table (report.md, results.json) and a figure (repro-dco.png).
 The full sweep takes about 3 hours on 2 CPU cores (`--quick`: a few minutes); every stage is resumable.
+
+`align repro pass-k` is the pass@k proving ground (`align.experiments.pass_k`): every objective of `align train
+pass_n --pass_k_objective`, and offline cross-entropy vs DCO, from one warm-up, scored by exact coverage with
+paired-bootstrap intervals against GRPO (about 77 minutes on 2 free cores; `--quick`: a few minutes).
 """
 
 from __future__ import annotations

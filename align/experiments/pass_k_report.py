@@ -5,9 +5,10 @@ Every difference is arm minus GRPO of the same seed, per held-out problem, on th
 1 - (1 - p)^N (`align.evaluation.exact_coverage.compare_exact_coverage`): its mean and paired-bootstrap 95 %
 interval over problems. A claim is decided per seed from those intervals and then over seeds:
 
-1. "GRPO raises pass@1 most" (of the online arms): *held* when, in every seed, every other online arm is below GRPO
-   at pass@1 with its interval below 0; *held on point estimates* when they are all below but not all significantly;
-   *refuted* when some arm is significantly above GRPO in some seed; *not shown* otherwise.
+1. "GRPO raises pass@1 most" (of the online arms): *held* when, in every seed, GRPO is significantly above the
+   start and every other online arm is below GRPO at pass@1 with its interval below 0; *held on point estimates*
+   when they are all below but not all significantly; *refuted* when some arm is significantly above GRPO in some
+   seed; *not shown* otherwise.
 2. "the pass@k objectives raise pass@k at large k more than GRPO", per objective at N = 256 and 4096: *held* when
    every interval is above 0 in every seed, *refuted* when one is below 0, *not shown* otherwise.
 3. "annealed PKPO keeps pass@1 close to GRPO's": *held* when every seed's pass@1 interval lies inside ±close_margin
@@ -40,12 +41,14 @@ def start_line(pass_1: float, pass_16: float) -> str:
 
 
 def compare_with_baseline(evaluations: dict, seeds: list[int], arms: list[str], baseline: str = "grpo") -> dict:
-    """`{arm-s<seed>: {"pass@N": paired_bootstrap}}` for every arm but the baseline (and dco_offline - sft)."""
+    """`{arm-s<seed>: {"pass@N": paired_bootstrap}}` for every arm but the baseline, plus the baseline minus the
+    start (`grpo_vs_start-s<seed>`) and offline DCO minus cross-entropy (`dco_offline_vs_sft-s<seed>`)."""
     from align.evaluation.exact_coverage import compare_exact_coverage
 
     comparisons = {}
     for seed in seeds:
         base = evaluations[f"{baseline}-s{seed}"][0]
+        comparisons[f"{baseline}_vs_start-s{seed}"] = compare_exact_coverage(evaluations["start"][0], base, TABLE_NS)
         for arm in arms:
             if arm != baseline:
                 comparisons[f"{arm}-s{seed}"] = compare_exact_coverage(
@@ -83,8 +86,12 @@ def _claim_pass_at_1(comparisons: dict, seeds: list[int], others: list[str]) -> 
         verdict = "held on point estimates"
     else:
         verdict = "not shown"
+    gains = [comparisons[f"grpo_vs_start-s{seed}"]["pass@1"] for seed in seeds]
+    if verdict.startswith("held") and not all(gain["low"] > 0 for gain in gains):
+        verdict = "not shown"  # GRPO did not significantly raise pass@1 above the start in every seed
     below = sum(cell["high"] < 0 for cell in cells)
-    why = f"{below} of {len(cells)} (arm, seed) pass@1 differences are significantly below GRPO"
+    why = f"GRPO minus the start at pass@1 per seed: {', '.join(_diff(gain) for gain in gains)}; "
+    why += f"{below} of {len(cells)} (arm, seed) pass@1 differences are significantly below GRPO"
     if above:
         why += f"; significantly above GRPO: {', '.join(above)}"
     return {"claim": CLAIMS[0], "verdict": verdict, "why": why}
@@ -101,7 +108,7 @@ def _claim_large_k(comparisons: dict, seeds: list[int], others: list[str]) -> li
         else:
             verdict = "not shown"
         diffs = ", ".join(f"{100 * cell['diff']:+.1f}" for cell in cells)
-        why = f"differences at N = {LARGE_NS} per seed (points): {diffs}"
+        why = f"differences at N = {', '.join(map(str, LARGE_NS))} per seed (points): {diffs}"
         claims.append({"claim": f"{CLAIMS[1]}: {arm}", "verdict": verdict, "why": why})
     return claims
 
@@ -147,7 +154,22 @@ def sampled_k(n: int) -> int:
     return min(16, n)
 
 
-def result_rows(evaluations: dict, comparisons: dict, subset_ids: list[str], k: int) -> list[dict]:
+def training_log(run_dir: Path) -> dict:
+    """Means over an online arm's steps of what TRL logged: `reward` (the training samples' accuracy) and
+    `frac_reward_zero_std` (groups whose samples all scored alike: no gradient for any objective); {} otherwise."""
+    path = run_dir / "trainer_state.json"
+    if not path.exists():
+        return {}
+    history = json.loads(path.read_text()).get("log_history", [])
+    means = {}
+    for key in ("reward", "frac_reward_zero_std"):
+        values = [entry[key] for entry in history if key in entry]
+        if values:
+            means[key] = float(np.mean(values))
+    return means
+
+
+def result_rows(evaluations: dict, comparisons: dict, subset_ids: list[str], k: int, train_dir: Path) -> list[dict]:
     rows = []
     for name, (block, sampled) in evaluations.items():
         arm, _, seed = name.rpartition("-s") if name != "start" else ("start", "", "")
@@ -160,21 +182,26 @@ def result_rows(evaluations: dict, comparisons: dict, subset_ids: list[str], k: 
                 "sampled": {"pass@1": sampled["pass@1"], f"pass@{k}": sampled[f"pass@{k}"]},
                 "exact_on_sampled_subset": subset_exact(block, subset_ids),
                 "vs_grpo": comparisons.get(name),
+                "training": training_log(train_dir / name) if name != "start" else {},
                 "curve": block["curve"],
             }
         )
     return rows
 
 
+def _diff(diff: dict) -> str:
+    """A difference and its interval in points: "+1.3 [-0.4, +2.9]"."""
+    return f"{100 * diff['diff']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}]"
+
+
 def _cell(value: float, diff: dict | None) -> str:
-    if diff is None:
-        return f"{100 * value:.1f}"
-    return f"{100 * value:.1f} ({100 * diff['diff']:+.1f} [{100 * diff['low']:+.1f}, {100 * diff['high']:+.1f}])"
+    return f"{100 * value:.1f}" if diff is None else f"{100 * value:.1f} ({_diff(diff)})"
 
 
 def report_text(rows: list[dict], claims: list[dict], comparisons: dict, *, size, model: str, seeds, timings) -> str:
     k = sampled_k(size.n)
     header = [f"exact pass@{n}" for n in TABLE_NS] + [f"sampled pass@1 / @{k}", "exact pass@1 / @16 (same subset)"]
+    header.append("training reward / groups without signal")
     lines = [
         "# align repro pass-k: pass@k objectives against GRPO from one start",
         "",
@@ -183,7 +210,9 @@ def report_text(rows: list[dict], claims: list[dict], comparisons: dict, *, size
         f"temperature {size.temperature}; k = {size.pass_k}, N' = {size.pass_n}), lr {size.learning_rate}, "
         f"seeds {seeds}. Exact coverage on {size.num_test} held-out problems (synthetic levels {size.levels}, test "
         f"split); sampled cross-check: n = {size.n} on the first {size.num_sampled}. Percent; in parentheses the "
-        "difference from GRPO of the same seed with its paired-bootstrap 95 % interval over problems.",
+        "difference from GRPO of the same seed with its paired-bootstrap 95 % interval over problems. Training "
+        "reward: the mean accuracy of an online arm's own samples; groups without signal: the share of its groups "
+        "whose K samples all scored alike (no gradient for any objective).",
         "",
         "Exact coverage is a lower bound on pass@N (1 - (1 - p)^N with p the probability of the canonical answer "
         "then end of sequence); other strings can also be graded correct, so sampled pass@k may be higher.",
@@ -199,12 +228,18 @@ def report_text(rows: list[dict], claims: list[dict], comparisons: dict, *, size
         sampled = " / ".join(f"{100 * v:.1f}" for v in row["sampled"].values())
         subset = row["exact_on_sampled_subset"]
         cells += [sampled, f"{100 * subset['pass@1']:.1f} / {100 * subset['pass@16']:.1f}"]
+        training = row["training"]
+        cells.append(
+            f"{100 * training['reward']:.1f} / {100 * training['frac_reward_zero_std']:.0f} %"
+            if "frac_reward_zero_std" in training
+            else "-"
+        )
         lines.append(f"| {row['arm']} | {'-' if row['seed'] is None else row['seed']} | " + " | ".join(cells) + " |")
     offline = [key for key in comparisons if key.startswith("dco_offline_vs_sft")]
     if offline:
         lines += ["", "Offline DCO minus cross-entropy (same start, problems and steps):", ""]
         for key in offline:
-            parts = [f"pass@{n} {_cell(0, comparisons[key][f'pass@{n}']).split(' ', 1)[1]}" for n in TABLE_NS]
+            parts = [f"pass@{n} {_diff(comparisons[key][f'pass@{n}'])}" for n in TABLE_NS]
             lines.append(f"- seed {key.rpartition('-s')[2]}: " + "; ".join(parts))
     lines += ["", "## Claims", ""]
     lines += [f"- **{c['claim']}**: {c['verdict']} ({c['why']})." for c in claims]
@@ -245,7 +280,7 @@ def write_outputs(output_dir: Path, evaluations: dict, *, size, model: str, seed
     subset_ids = [json.loads(line)["id"] for line in (output_dir / "test_sampled.jsonl").open()]
     comparisons = compare_with_baseline(evaluations, seeds, arms)
     claims = check_claims(comparisons, seeds, arms, online, size.close_margin)
-    rows = result_rows(evaluations, comparisons, subset_ids, sampled_k(size.n))
+    rows = result_rows(evaluations, comparisons, subset_ids, sampled_k(size.n), output_dir / "train")
     results = {"model": model, "size": asdict(size), "seeds": seeds, "rows": rows, "claims": claims}
     results["offline_dco_vs_sft"] = {k: v for k, v in comparisons.items() if k.startswith("dco_offline_vs_sft")}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
