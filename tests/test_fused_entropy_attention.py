@@ -432,3 +432,24 @@ def test_smollm2_fused_equals_eager_with_left_padding(smollm2_path):
         rows = got.valid_rows[:, None].expand_as(got.entropy)
         torch.testing.assert_close(got.entropy[rows], want.entropy[rows], atol=1e-4, rtol=0)
         torch.testing.assert_close(got.max_logit, want.max_logit, atol=1e-4, rtol=1e-5)
+
+
+def test_under_bf16_autocast_the_layers_share_one_converted_mask(tiny_model_dir):
+    """The mask is made in the embeddings' dtype (fp32); bf16 queries need a bf16 copy: one for all layers."""
+    model = load(tiny_model_dir, ATTENTION_IMPLEMENTATION)
+    model.train()
+    ids = torch.randint(3, 100, (2, LENGTH), generator=torch.Generator().manual_seed(0))
+    attention = torch.ones_like(ids)
+    attention[1, :9] = 0
+    masks = set()
+
+    def pack(tensor):
+        if list(tensor.shape) == [2, 1, LENGTH, LENGTH]:
+            masks.add((tensor.untyped_storage().data_ptr(), tensor.dtype))
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), torch.autocast("cpu", torch.bfloat16):
+        loss = model(input_ids=ids, attention_mask=attention, labels=ids).loss
+    loss.backward()
+    assert len(masks) == 1, masks
+    assert next(iter(masks))[1] == torch.bfloat16

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -52,6 +53,9 @@ _CPU_KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float1
 
 logger = logging.getLogger(__name__)
 _fallbacks_logged: set[str] = set()
+# The last mask converted to another dtype (weak references: source, converted): one mask per forward serves every
+# layer, so under autocast the layers share one converted copy (and autograd saves it once) instead of one each.
+_last_conversion: list[tuple] = []
 
 
 def entropy_fused_attention(
@@ -84,6 +88,9 @@ def entropy_fused_attention(
         mask = _additive_mask(attention_mask, causal, query, key)
         return eager.entropy_eager_attention(module, query, key, value, mask, scaling, dropout, softcap, **kwargs)
 
+    if torch.is_autocast_enabled(query.device.type):  # what autocast does to scaled_dot_product_attention
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     temperature = attached_temperature(module)
     if temperature is not None:  # scale / t on the scores = q / t per head (differentiable in t)
         query = query / temperature.to(query.dtype).view(1, -1, 1, 1)
@@ -208,9 +215,16 @@ def _kernel_mask(mask: torch.Tensor | None, dtype: torch.dtype | None) -> torch.
     """The mask as the kernel takes it: additive in `dtype` for the CPU kernel (dtype given), else as it is."""
     if mask is None or dtype is None or mask.dtype == dtype:
         return mask
+    if _last_conversion:
+        source, converted_dtype, converted = _last_conversion[0]
+        if source() is mask and converted_dtype == dtype and converted() is not None:
+            return converted()
     if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
-    return mask.to(dtype)
+        converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
+    else:
+        converted = mask.to(dtype)
+    _last_conversion[:] = [(weakref.ref(mask), dtype, weakref.ref(converted))]
+    return converted
 
 
 def _additive_mask(mask, causal: bool, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor | None:
