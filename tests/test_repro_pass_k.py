@@ -84,26 +84,32 @@ def _cell(diff, low, high):
 def _comparisons(pass_1: dict, large: dict, gain=None) -> dict:
     comparisons = {"grpo_vs_start-s0": {"pass@1": gain or _cell(0.04, 0.02, 0.06)}}
     for arm in pass_1:
-        comparisons[f"{arm}-s0"] = {"pass@1": pass_1[arm], "pass@256": large[arm], "pass@4096": large[arm]}
+        # pass@4096 is saturated at the start (0.99999): a "significant" drop there must not decide claim 2
+        saturated = _cell(-1e-6, -2e-6, -5e-7)
+        comparisons[f"{arm}-s0"] = {"pass@1": pass_1[arm], "pass@16": large[arm], "pass@256": large[arm]}
+        comparisons[f"{arm}-s0"]["pass@4096"] = saturated
     return comparisons
+
+
+START = {"pass@1": 0.07, "pass@16": 0.37, "pass@256": 0.95, "pass@4096": 0.99999}  # the demo's CE model
 
 
 def test_claims_read_the_intervals():
     arms = ["grpo", "pkpo", "pkpo_anneal"]
     pass_1 = {"pkpo": _cell(-0.05, -0.08, -0.02), "pkpo_anneal": _cell(-0.002, -0.01, 0.008)}
     large = {"pkpo": _cell(0.04, 0.01, 0.07), "pkpo_anneal": _cell(0.01, -0.01, 0.03)}
-    claims = check_claims(_comparisons(pass_1, large), [0], arms, pass_k.ONLINE_ARMS, margin=0.02)
+    claims = check_claims(_comparisons(pass_1, large), [0], arms, pass_k.ONLINE_ARMS, 0.02, START)
     assert [c["verdict"] for c in claims] == ["held on point estimates", "held", "not shown", "held"]
     # An arm significantly above GRPO at pass@1 refutes claim 1; one below it at large N refutes claim 2.
     pass_1["pkpo"] = _cell(0.05, 0.02, 0.08)
     large["pkpo_anneal"] = _cell(-0.03, -0.05, -0.01)
-    claims = check_claims(_comparisons(pass_1, large), [0], arms, pass_k.ONLINE_ARMS, margin=0.02)
+    claims = check_claims(_comparisons(pass_1, large), [0], arms, pass_k.ONLINE_ARMS, 0.02, START)
     assert [c["verdict"] for c in claims[:3]] == ["refuted", "held", "refuted"]
     assert "pkpo (seed 0)" in claims[0]["why"]
     # GRPO must raise pass@1 above the start for claim 1 to hold at all.
     pass_1["pkpo"] = _cell(-0.05, -0.08, -0.02)
     no_gain = _comparisons(pass_1, large, gain=_cell(0.01, -0.01, 0.03))
-    assert check_claims(no_gain, [0], arms, pass_k.ONLINE_ARMS, margin=0.02)[0]["verdict"] == "not shown"
+    assert check_claims(no_gain, [0], arms, pass_k.ONLINE_ARMS, 0.02, START)[0]["verdict"] == "not shown"
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,9 @@ interval over problems. A claim is decided per seed from those intervals and the
    start and every other online arm is below GRPO at pass@1 with its interval below 0; *held on point estimates*
    when they are all below but not all significantly; *refuted* when some arm is significantly above GRPO in some
    seed; *not shown* otherwise.
-2. "the pass@k objectives raise pass@k at large k more than GRPO", per objective at N = 256 and 4096: *held* when
-   every interval is above 0 in every seed, *refuted* when one is below 0, *not shown* otherwise.
+2. "the pass@k objectives raise pass@k at large k more than GRPO", per objective at the N of 16, 256, 4096 where
+   the start's pass@N is below 0.99 (`large_ns`): *held* when every interval is above 0 in every seed, *refuted*
+   when one is below 0, *not shown* otherwise.
 3. "annealed PKPO keeps pass@1 close to GRPO's": *held* when every seed's pass@1 interval lies inside ±close_margin
    (an equivalence test at this size), *refuted* when one lies entirely outside it, *not shown* otherwise.
 """
@@ -24,7 +25,8 @@ import numpy as np
 
 
 TABLE_NS = (1, 16, 256, 4096)
-LARGE_NS = (256, 4096)
+LARGE_NS = (16, 256, 4096)  # claim 2's "large k" (> the trained k = 8), where the start leaves room (HEADROOM)
+HEADROOM = 0.99
 START_PASS_AT_1 = (0.05, 0.4)  # the start's range where the objectives can separate (issue 19)
 START_PASS_AT_16_BELOW = 0.8
 
@@ -97,18 +99,27 @@ def _claim_pass_at_1(comparisons: dict, seeds: list[int], others: list[str]) -> 
     return {"claim": CLAIMS[0], "verdict": verdict, "why": why}
 
 
-def _claim_large_k(comparisons: dict, seeds: list[int], others: list[str]) -> list[dict]:
+def large_ns(start_pass: dict) -> list[int]:
+    """The N of LARGE_NS at which the start's exact pass@N is below HEADROOM: where it is ~1 (pass@4096 of a
+    temperature-1 policy whose every gold answer has p > 1e-3) no objective can raise it, and a significant
+    difference of 1e-6 would decide nothing."""
+    return [n for n in LARGE_NS if start_pass[f"pass@{n}"] < HEADROOM]
+
+
+def _claim_large_k(comparisons: dict, seeds: list[int], others: list[str], ns: list[int]) -> list[dict]:
+    if not ns:
+        return [{"claim": CLAIMS[1], "verdict": "not tested", "why": f"the start's pass@N >= {HEADROOM} at every N"}]
     claims = []
     for arm in others:
-        cells = [comparisons[f"{arm}-s{seed}"][f"pass@{n}"] for seed in seeds for n in LARGE_NS]
+        cells = [comparisons[f"{arm}-s{seed}"][f"pass@{n}"] for seed in seeds for n in ns]
         if all(cell["low"] > 0 for cell in cells):
             verdict = "held"
         elif any(cell["high"] < 0 for cell in cells):
             verdict = "refuted"
         else:
             verdict = "not shown"
-        diffs = ", ".join(f"{100 * cell['diff']:+.1f}" for cell in cells)
-        why = f"differences at N = {', '.join(map(str, LARGE_NS))} per seed (points): {diffs}"
+        labels = [f"seed {seed} N={n}" for seed in seeds for n in ns]
+        why = "differences in points: " + ", ".join(f"{label} {_diff(cell)}" for label, cell in zip(labels, cells))
         claims.append({"claim": f"{CLAIMS[1]}: {arm}", "verdict": verdict, "why": why})
     return claims
 
@@ -139,12 +150,15 @@ CLAIMS = (
 )
 
 
-def check_claims(comparisons: dict, seeds: list[int], arms: list[str], online, margin: float) -> list[dict]:
-    """The three claims of the module docstring; `online` names the online arms (claims 1 and 2 compare those)."""
+def check_claims(
+    comparisons: dict, seeds: list[int], arms: list[str], online, margin: float, start_pass: dict
+) -> list[dict]:
+    """The three claims of the module docstring; `online` names the online arms (claims 1 and 2 compare those),
+    `start_pass` is the start's exact {"pass@N": value} (claim 2's N: `large_ns`)."""
     online = [arm for arm in arms if arm != "grpo" and arm in online]
     return [
         _claim_pass_at_1(comparisons, seeds, online),
-        *_claim_large_k(comparisons, seeds, online),
+        *_claim_large_k(comparisons, seeds, online, large_ns(start_pass)),
         _claim_anneal(comparisons, seeds, arms, margin),
     ]
 
@@ -279,8 +293,8 @@ def write_outputs(output_dir: Path, evaluations: dict, *, size, model: str, seed
 
     subset_ids = [json.loads(line)["id"] for line in (output_dir / "test_sampled.jsonl").open()]
     comparisons = compare_with_baseline(evaluations, seeds, arms)
-    claims = check_claims(comparisons, seeds, arms, online, size.close_margin)
     rows = result_rows(evaluations, comparisons, subset_ids, sampled_k(size.n), output_dir / "train")
+    claims = check_claims(comparisons, seeds, arms, online, size.close_margin, rows[0]["exact"])
     results = {"model": model, "size": asdict(size), "seeds": seeds, "rows": rows, "claims": claims}
     results["offline_dco_vs_sft"] = {k: v for k, v in comparisons.items() if k.startswith("dco_offline_vs_sft")}
     (output_dir / "results.json").write_text(json.dumps(results, indent=2))
