@@ -262,25 +262,36 @@ def report_text(rows: list[dict], claims: list[dict], comparisons: dict, *, size
 
 
 def plot_curves(rows: list[dict], path: Path) -> Path:
-    """Exact pass@N against N (log axis), one line per arm (the mean of its seeds' curves), the start dashed."""
+    """Left: exact pass@N against N (log axis), one line per arm (the mean of its seeds' curves), the start dashed.
+    Right: each arm minus GRPO at every N (the mean over seeds of the per-seed differences), where differences of a
+    point or two are visible."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7.0, 4.6))
-    for arm in dict.fromkeys(row["arm"] for row in rows):
-        curves = [row["curve"] for row in rows if row["arm"] == arm]
-        mean = np.mean([curve["pass"] for curve in curves], axis=0)
+    mean = {
+        arm: np.mean([row["curve"]["pass"] for row in rows if row["arm"] == arm], axis=0)
+        for arm in dict.fromkeys(row["arm"] for row in rows)
+    }
+    ns = rows[0]["curve"]["n"]
+    figure, (curves, differences) = plt.subplots(1, 2, figsize=(12.0, 4.6))
+    for arm, values in mean.items():
         style = {"color": "gray", "linestyle": "--"} if arm == "start" else {}
-        axis.plot(curves[0]["n"], mean, label=arm, **style)
-    axis.set_xscale("log")
-    axis.set_xlabel("N (samples per problem)")
-    axis.set_ylabel("pass@N lower bound (exact coverage)")
-    axis.set_ylim(0, 1)
-    axis.grid(True, alpha=0.3)
-    axis.legend(fontsize=8)
-    axis.set_title("pass@N of each objective's final policy (mean over seeds)", fontsize=9)
+        (line,) = curves.plot(ns, values, label=arm, **style)
+        if "grpo" in mean and arm != "grpo":
+            differences.plot(ns, 100 * (values - mean["grpo"]), label=arm, **{"color": line.get_color(), **style})
+    curves.set_ylim(0, 1)
+    curves.set_ylabel("pass@N lower bound (exact coverage)")
+    curves.set_title("pass@N of each final policy (mean over seeds)", fontsize=9)
+    curves.legend(fontsize=8)
+    differences.axhline(0, color="black", linewidth=0.8)
+    differences.set_ylabel("minus GRPO (points)")
+    differences.set_title("difference from GRPO of the same seed (mean over seeds)", fontsize=9)
+    for axis in (curves, differences):
+        axis.set_xscale("log")
+        axis.set_xlabel("N (samples per problem)")
+        axis.grid(True, alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
