@@ -118,6 +118,7 @@ def test_claims_read_the_intervals():
         (["--objectives", "pkpo", "dco"], "including grpo"),
         (["--objectives", "grpo", "ppo"], "choose from"),
         (["--epochs", "2"], "belong to `align repro dco`"),
+        (["--steps", "0"], "must be >= 1"),
     ],
 )
 def test_pass_k_rejects_bad_arguments(flags, message, tmp_path, capsys):

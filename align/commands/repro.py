@@ -225,33 +225,37 @@ def main(argv: list[str]) -> int:
     pass_k = parser.add_argument_group("pass-k (align.experiments.pass_k)")
     pass_k.add_argument("--seeds", type=int, nargs="+", help="Training seeds of every arm (default 0 1; --quick: 0).")
     pass_k.add_argument("--objectives", nargs="+", help="Arms to train (default all; must include grpo).")
+    pass_k.add_argument(
+        "--steps", type=int, help="Optimizer steps of every arm (also takes --num-train/-test, --levels)."
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.experiment == "pass-k":
         return _pass_k(parser, args)
-    if args.seeds is not None or args.objectives is not None:
-        parser.error("--seeds and --objectives belong to `align repro pass-k`")
+    if args.seeds is not None or args.objectives is not None or args.steps is not None:
+        parser.error("--seeds, --objectives and --steps belong to `align repro pass-k`")
     size = QUICK if args.quick else ReproSize()
-    overrides = {
-        name: getattr(args, name)
-        for name in ("epochs", "pass_ns", "n", "num_train", "num_test", "levels")
-        if getattr(args, name) is not None
-    }
-    for name, value in overrides.items():
-        values = value if isinstance(value, list) else [value]
-        if any(v < 1 for v in values) or (name == "levels" and any(v > 5 for v in values)):
-            parser.error(f"--{name.replace('_', '-')}: got {value}; sizes must be >= 1 and levels in 1..5")
+    overrides = _size_overrides(parser, args, ("epochs", "pass_ns", "n", "num_train", "num_test", "levels"))
     if "epochs" in overrides:
         overrides["epochs"] = sorted(set(overrides["epochs"]))
     run_dco_repro(Path(args.output_dir or "runs/repro-dco"), replace(size, **overrides), args.model)
     return 0
 
 
+def _size_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace, names: tuple[str, ...]) -> dict:
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name, value in overrides.items():
+        values = value if isinstance(value, list) else [value]
+        if any(v < 1 for v in values) or (name == "levels" and any(v > 5 for v in values)):
+            parser.error(f"--{name.replace('_', '-')}: got {value}; sizes must be >= 1 and levels in 1..5")
+    return overrides
+
+
 def _pass_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from align.experiments import pass_k
 
-    if any(getattr(args, name) is not None for name in ("epochs", "pass_ns", "n", "num_train", "num_test", "levels")):
-        parser.error("--epochs/--pass-n/--n/--num-train/--num-test/--levels belong to `align repro dco`")
+    if any(getattr(args, name) is not None for name in ("epochs", "pass_ns", "n")):
+        parser.error("--epochs/--pass-n/--n belong to `align repro dco`")
     arms = args.objectives or list(pass_k.ARMS)
     unknown = [arm for arm in arms if arm not in pass_k.ARMS]
     if unknown or pass_k.BASELINE not in arms:
@@ -259,6 +263,7 @@ def _pass_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     seeds = args.seeds if args.seeds is not None else [0] if args.quick else [0, 1]
     output_dir = Path(args.output_dir or ("runs/repro-pass-k-quick" if args.quick else "runs/repro-pass-k"))
     size = pass_k.QUICK if args.quick else pass_k.ProvingGroundSize()
+    size = replace(size, **_size_overrides(parser, args, ("num_train", "num_test", "levels", "steps")))
     pass_k.run_pass_k_proving_ground(
         output_dir, size, args.model, instruction=DIRECT_ANSWER_INSTRUCTION, seeds=seeds, arms=arms
     )
