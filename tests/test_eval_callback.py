@@ -72,6 +72,27 @@ def test_align_train_turns_it_on_from_the_recipe(tiny_model_dir, tmp_path):
     assert "eval_pass@1" not in evaluations[0]  # sampling is off unless coverage_eval_samples is set
 
 
+def test_a_grpo_run_keeps_its_own_metrics_next_to_the_evaluation(tiny_model_dir, tmp_path):
+    """GRPOTrainer averages and clears its step metrics in its `log`: the callback's logging must not flush them."""
+    from align import training
+
+    recipe = tmp_path / "pass_n.yaml"
+    recipe.write_text(
+        f"model_name_or_path: {tiny_model_dir}\ndataset_name: synthetic\nsynthetic_num_train: 8\n"
+        "pass_n: 4\nnum_generations: 4\nmax_completion_length: 8\nmax_steps: 2\nper_device_train_batch_size: 8\n"
+        "grader_workers: 1\nreport_to: none\nsave_strategy: 'no'\nlogging_steps: 1\nbf16: false\nuse_cpu: true\n"
+        "gradient_checkpointing: false\ndisable_tqdm: true\n"
+        "coverage_eval_steps: 1\ncoverage_eval_problems: 2\ncoverage_eval_samples: 2\ncoverage_eval_ks: [1, 2]\n"
+        "coverage_eval_max_new_tokens: 4\n"
+    )
+    trainer = training.run(
+        "pass_n", *training.parse_args("pass_n", ["--config", str(recipe), "--output_dir", str(tmp_path / "run")])
+    )
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "eval_exact_pass@2" in e and "eval_maj@2" in e] == [1, 2]
+    assert [e["step"] for e in history if "reward" in e and "loss" in e] == [1, 2]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [

@@ -8,5 +8,8 @@
   from a samples file (`--score-field`);
 - `records`: the samples.jsonl format; `estimators`: pass@k, pass^k, maj@k, bon@k; `report`, `plots`: summary.json
   and curves; `bootstrap`: percentile-bootstrap intervals over problems; `paired`: paired comparison of two runs;
-- `harness`: `run_eval` and `regrade_samples`, the pipeline end to end.
+- `harness`: `run_eval` and `regrade_samples`, the pipeline end to end;
+- `exact_coverage`: pass@N without sampling (p of the canonical completion by one forward pass), `exact_coverage_run`
+  its run directory (`--exact-coverage`); `callback`: exact and sampled pass@k during training (`callback_arguments`:
+  its `align train` options).
 """
