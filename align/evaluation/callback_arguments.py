@@ -30,7 +30,7 @@ class CoverageEvalArguments:
         default=True,
         metadata={
             "help": "Exact coverage: p = π(canonical completion + EOS | prompt), pass@N >= 1 - (1 - p)^N (for "
-            "direct-answer tasks; the completion is `$\\\\boxed{ANSWER}$`)."
+            "direct-answer tasks; the completion is `$\\boxed{ANSWER}$`)."
         },
     )
     coverage_eval_samples: int = field(

@@ -110,7 +110,10 @@ def run_exact_coverage(config, problems, output_dir: Path) -> dict | None:
         )  # fmt: skip
     if config.plot:
         plot_exact_coverage(
-            {config.model: block}, output_dir / PLOT_FILE, title=f"{config.model} on {config.dataset} (exact)"
+            {config.model: block},
+            output_dir / PLOT_FILE,
+            title=f"{config.model} on {config.dataset} ({block['num_problems']} problems, exact, "
+            f"temperature {config.temperature}, top-p {config.top_p})",
         )
     return block
 
