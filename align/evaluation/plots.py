@@ -61,15 +61,7 @@ def plot_curves(
     axis.set_xticks(ticks, [str(k) for k in ticks])
     axis.set_xlabel("k (samples per problem)")
     axis.set_ylabel(ylabel)
-    axis.set_ylim(0, 1)
-    axis.grid(True, alpha=0.3)
-    axis.legend()
-    axis.set_title(title, fontsize=9)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save(figure, axis, path, title)
 
 
 def curve_errors(summary: dict, family: str) -> list[float] | None:
@@ -112,6 +104,13 @@ def plot_exact_coverage(blocks: dict[str, dict], path: Path, *, title: str) -> P
     axis.set_xscale("log")
     axis.set_xlabel("N (samples per problem)")
     axis.set_ylabel("pass@N lower bound (exact)")
+    return _save(figure, axis, path, title)
+
+
+def _save(figure, axis, path: Path, title: str) -> Path:
+    """The finish every align curve figure shares: a 0-1 y axis, grid, legend, title; written to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
     axis.set_ylim(0, 1)
     axis.grid(True, alpha=0.3)
     axis.legend()
