@@ -170,11 +170,12 @@ def _completion_logits(model, input_ids, mask, counts: list[int]) -> list:
         keep[row, width - count :] = True
     try:
         logits = model(**inputs, logits_to_keep=keep).logits
-        if logits.ndim == 2 and logits.shape[0] == sum(counts):
-            return list(logits.split(counts))
-    except (TypeError, IndexError):
-        pass
-    logits = model(**inputs, logits_to_keep=max(counts)).logits
+    except (TypeError, IndexError):  # a forward that cannot take a boolean mask
+        logits = model(**inputs, logits_to_keep=max(counts)).logits
+    if logits.ndim == 2 and logits.shape[0] == sum(counts):
+        return list(logits.split(counts))
+    # (batch, positions, vocab) ending at the last position: a slice, or a forward that ignored the mask (its
+    # logits are used as they are rather than computed a second time)
     return [logits[row, -count:] for row, count in enumerate(counts)]
 
 
