@@ -125,3 +125,23 @@ def optimizer_step_fn(trainer, batches: list) -> Callable[[], None]:
         trainer.optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def sampling_step_fn(trainer, batches: list) -> Callable[[], None]:
+    """One timed step of a GRPO-style `trainer` on the next prompt batch: generate, grade, weigh, forward, backward,
+    AdamW, zero_grad. Every trainer draws the same sequence of torch seeds, so trainers compared side by side
+    sample the same completions."""
+    import itertools
+
+    import torch
+
+    cycle = itertools.cycle(batches)
+    seeds = itertools.count()
+
+    def step():
+        torch.manual_seed(next(seeds))
+        trainer.training_step(trainer.model, next(cycle), None)
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    return step

@@ -14,14 +14,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 import sys
 import tempfile
 import time
 
-from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, ratio, sampling_step_fn
 
 
 HEAVY = True  # the full run trains 7 SmolLM2 trainers (~15 minutes on 2 cores): `python -m benchmarks pass_k`
@@ -88,27 +87,12 @@ def _trainers(model_path, output_dir, prompts_per_step, num_generations, max_com
     return trainers
 
 
-def _step_fn(trainer, batches):
-    import torch
-
-    cycle = itertools.cycle(batches)
-    seeds = itertools.count()
-
-    def step():
-        torch.manual_seed(next(seeds))  # the same sequence of seeds in every trainer: the same samples
-        trainer.training_step(trainer.model, next(cycle), None)  # generate, grade, weigh, forward, backward
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure_steps(name, model_path, lora, prompts_per_step, num_generations, max_completion_length, repeats) -> dict:
     with tempfile.TemporaryDirectory(prefix="align-bench-pass-k-") as output_dir:
         trainers = _trainers(model_path, output_dir, prompts_per_step, num_generations, max_completion_length, lora)
         loader = trainers["trl_grpo"].get_train_dataloader()
         batches = [batch for batch, _ in zip(loader, range(4))]
-        results = interleaved({key: _step_fn(trainer, batches) for key, trainer in trainers.items()}, repeats)
+        results = interleaved({key: sampling_step_fn(trainer, batches) for key, trainer in trainers.items()}, repeats)
         base = results["trl_grpo"]["median_s"]
         ratios = {key: ratio(results[key]["median_s"], base) for key in OBJECTIVE_ARGS}
         return emit(

@@ -11,10 +11,9 @@ alike. Two settings: the tiny test Llama and SmolLM2-135M-Instruct with LoRA.
 
 from __future__ import annotations
 
-import itertools
 import tempfile
 
-from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, ratio
+from benchmarks.common import CPU_TRAINER_ARGS, cpu_threads, emit, interleaved, lora_config, ratio, sampling_step_fn
 
 
 TARGET_RATIO = 1.05
@@ -61,21 +60,6 @@ def _trainers(model_path, output_dir, prompts_per_step, num_generations, max_com
     return grpo, pass_n
 
 
-def _step_fn(trainer, batches):
-    import torch
-
-    cycle = itertools.cycle(batches)
-    seeds = itertools.count()
-
-    def step():
-        torch.manual_seed(next(seeds))  # the same sequence of seeds in both trainers: the same samples
-        trainer.training_step(trainer.model, next(cycle), None)  # generate, grade, weigh, forward, backward
-        trainer.optimizer.step()
-        trainer.optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def measure(name, model_path, lora, prompts_per_step, num_generations, max_completion_length, repeats) -> dict:
     from align.rewards import VerifierReward
 
@@ -85,7 +69,9 @@ def measure(name, model_path, lora, prompts_per_step, num_generations, max_compl
         )
         loader = pass_n.get_train_dataloader()
         batches = [batch for batch, _ in zip(loader, range(4))]
-        results = interleaved({"grpo": _step_fn(grpo, batches), "pass_n": _step_fn(pass_n, batches)}, repeats)
+        results = interleaved(
+            {"grpo": sampling_step_fn(grpo, batches), "pass_n": sampling_step_fn(pass_n, batches)}, repeats
+        )
         time_ratio = ratio(results["pass_n"]["median_s"], results["grpo"]["median_s"])
         return emit(
             "pass_n",
