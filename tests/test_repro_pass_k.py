@@ -53,6 +53,18 @@ def test_pass_k_proving_ground_on_tiny_model(tiny_model_dir, tmp_path, monkeypat
         assert f"reusing the finished run in {out.resolve() / 'train' / name}" in second
     assert "reusing the merged start model" in second
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    assert "reusing" in second and "training problems:" in second
+
+    # Tuning shares the warm-up, start and training problems, and scores validation problems, not the test ones.
+    monkeypatch.undo()
+    assert align_main([*argv, "--tune-lr", "1e-3"]) == 0
+    tune = json.loads((out / "tune" / "results.json").read_text())
+    assert [row["learning_rate"] for row in tune["rows"]] == ["start", "0.001"] and tune["chosen"] == "0.001"
+    validation = {json.loads(line)["problem"] for line in (out / "tune" / "validation.jsonl").read_text().splitlines()}
+    pool = {json.loads(line)["problem"] for line in (out / "train_pool.jsonl").read_text().splitlines()}
+    test = {json.loads(line)["problem"] for line in (out / "test.jsonl").read_text().splitlines()}
+    assert validation and not validation & pool and not validation & test
+    assert "Chosen (highest validation pass@16): 0.001." in (out / "tune" / "report.md").read_text()
 
 
 @pytest.mark.parametrize("size", [pass_k.ProvingGroundSize(), pass_k.QUICK], ids=["full", "quick"])
@@ -61,13 +73,15 @@ def test_every_arm_builds_a_valid_recipe(size, tmp_path):
     from align.training import default_recipe, parse_args
 
     for arm in pass_k.ARMS:
-        method, fields = pass_k.arm_fields(arm, size, tmp_path / "start", "Answer.", seed=1)
+        train_file = tmp_path / "train.jsonl"
+        method, fields = pass_k.arm_fields(arm, size, tmp_path / "start", train_file, "Answer.", seed=1)
         argv = ["--config", str(default_recipe(method)), "--output_dir", str(tmp_path / arm)]
         for key, value in fields.items():
             argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
         _, config, model = parse_args(method, argv)
         assert config.max_steps == size.steps and config.seed == 1 and config.learning_rate == size.learning_rate
         assert model.model_name_or_path == str(tmp_path / "start")
+        assert fields["dataset_name"] == str(train_file)  # every arm trains on the same selected problems
         if method == "pass_n":
             assert config.per_device_train_batch_size == size.prompts_per_step * size.num_generations
             assert config.pass_k_objective == {"pkpo_anneal": "pkpo"}.get(arm, arm)
@@ -119,6 +133,8 @@ def test_claims_read_the_intervals():
         (["--objectives", "grpo", "ppo"], "choose from"),
         (["--epochs", "2"], "belong to `align repro dco`"),
         (["--steps", "0"], "must be >= 1"),
+        (["--learning-rate", "3"], "learning rates lie in (0, 1)"),
+        (["--tune-lr", "1e-4", "0"], "learning rates lie in (0, 1)"),
     ],
 )
 def test_pass_k_rejects_bad_arguments(flags, message, tmp_path, capsys):

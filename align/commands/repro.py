@@ -226,14 +226,23 @@ def main(argv: list[str]) -> int:
     pass_k.add_argument("--seeds", type=int, nargs="+", help="Training seeds of every arm (default 0 1; --quick: 0).")
     pass_k.add_argument("--objectives", nargs="+", help="Arms to train (default all; must include grpo).")
     pass_k.add_argument(
+        "--tune-lr",
+        type=float,
+        nargs="+",
+        metavar="LR",
+        help="Instead of the sweep: train GRPO at each learning rate on the tuning seed and score it on validation "
+        "problems of the train split (tune/report.md); then run the sweep with the chosen --learning-rate.",
+    )
+    pass_k.add_argument("--learning-rate", type=float, help="Learning rate of every arm (default: the tuned 1e-4).")
+    pass_k.add_argument(
         "--steps", type=int, help="Optimizer steps of every arm (also takes --num-train/-test, --levels)."
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.experiment == "pass-k":
         return _pass_k(parser, args)
-    if args.seeds is not None or args.objectives is not None or args.steps is not None:
-        parser.error("--seeds, --objectives and --steps belong to `align repro pass-k`")
+    if any(getattr(args, name) is not None for name in ("seeds", "objectives", "steps", "tune_lr", "learning_rate")):
+        parser.error("--seeds, --objectives, --steps, --tune-lr and --learning-rate belong to `align repro pass-k`")
     size = QUICK if args.quick else ReproSize()
     overrides = _size_overrides(parser, args, ("epochs", "pass_ns", "n", "num_train", "num_test", "levels"))
     if "epochs" in overrides:
@@ -264,6 +273,16 @@ def _pass_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or ("runs/repro-pass-k-quick" if args.quick else "runs/repro-pass-k"))
     size = pass_k.QUICK if args.quick else pass_k.ProvingGroundSize()
     size = replace(size, **_size_overrides(parser, args, ("num_train", "num_test", "levels", "steps")))
+    rates = [rate for rate in [args.learning_rate, *(args.tune_lr or [])] if rate is not None]
+    if any(not 0 < rate < 1 for rate in rates):
+        parser.error(f"--learning-rate/--tune-lr: got {rates}; learning rates lie in (0, 1), e.g. 1e-4")
+    if args.learning_rate is not None:
+        size = replace(size, learning_rate=args.learning_rate)
+    if args.tune_lr:
+        pass_k.tune_learning_rate(
+            output_dir, size, args.model, instruction=DIRECT_ANSWER_INSTRUCTION, learning_rates=args.tune_lr
+        )
+        return 0
     pass_k.run_pass_k_proving_ground(
         output_dir, size, args.model, instruction=DIRECT_ANSWER_INSTRUCTION, seeds=seeds, arms=arms
     )
