@@ -252,15 +252,14 @@ def select_training_problems(start: Path, size: ProvingGroundSize, instruction: 
     import math
 
     from align.data.synthetic import generate_problems
-    from align.evaluation.records import read_jsonl
     from align.pipeline import evaluate, write_problems
 
     pool = generate_problems(size.num_train, "train", size.levels, seed=size.train_seed)
     pool_file = write_problems(pool, output_dir / "train_pool.jsonl")
-    evaluate(
+    scored = evaluate(
         start, pool_file, output_dir / "eval" / "pool", exact_coverage=True, n=0, **_eval_common(size, instruction)
     )
-    log_p = {row["id"]: row["log_p"] for row in read_jsonl(output_dir / "eval" / "pool" / "exact_coverage.jsonl")}
+    log_p = scored["exact_coverage"]["log_p"]
     kept = [
         problem
         for problem in pool
