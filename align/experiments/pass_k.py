@@ -49,9 +49,10 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from align.experiments.pass_k_problems import eval_common, select_training_problems
 from align.experiments.pass_k_report import start_line, write_outputs
 
 
@@ -240,77 +241,11 @@ def train_arm(
     return train_recipe(method, default_recipe(method), run_dir, fields)
 
 
-def select_training_problems(start: Path, size: ProvingGroundSize, instruction: str, output_dir: Path) -> Path:
-    """`train.jsonl`: the problems of a train-split pool on which the start's exact p lies in the band.
-
-    Why: at the start's pass@1 most problems have p < 0.05, so most groups of K samples are all wrong and carry no
-    gradient for any objective (75-82 % of the groups in the first, unfiltered run); the band keeps the problems where
-    a group of K holds a right and a wrong sample with probability 1 - p^K - (1 - p)^K >= 0.56 at K = 16. The same
-    problems, in the same order, train every arm, so the selection favours none. The pool's scores are kept in
-    `eval/pool/` (exact coverage of the start, reused on a rerun).
-    """
-    import math
-
-    from align.data.synthetic import generate_problems
-    from align.pipeline import evaluate, write_problems
-
-    pool = generate_problems(size.num_train, "train", size.levels, seed=size.train_seed)
-    pool_file = write_problems(pool, output_dir / "train_pool.jsonl")
-    scored = evaluate(
-        start, pool_file, output_dir / "eval" / "pool", exact_coverage=True, n=0, **_eval_common(size, instruction)
-    )
-    log_p = scored["exact_coverage"]["log_p"]
-    kept = [
-        problem
-        for problem in pool
-        if problem.id in log_p and size.train_p_low <= math.exp(log_p[problem.id]) <= size.train_p_high
-    ]
-    needed = size.steps * size.prompts_per_step
-    if len(kept) < needed:
-        raise ValueError(
-            f"only {len(kept)} of {len(pool)} pool problems have the start's exact p in [{size.train_p_low}, "
-            f"{size.train_p_high}], fewer than the {needed} prompts the arms draw; raise --num-train or widen the band"
-        )
-    print(
-        f"training problems: {len(kept)} of {len(pool)} with the start's exact p in "
-        f"[{size.train_p_low}, {size.train_p_high}]",
-        flush=True,
-    )
-    return write_problems(kept, output_dir / "train.jsonl")
-
-
-def validation_problems(size: ProvingGroundSize, output_dir: Path) -> Path:
-    """Problems for tuning: the train split under another synthetic seed, without the pool's problems, so that no
-    choice is made on the test problems the report scores."""
-    from dataclasses import replace as replace_problem
-
-    from align.data.synthetic import generate_problems
-    from align.pipeline import write_problems
-
-    pool = {
-        problem.problem for problem in generate_problems(size.num_train, "train", size.levels, seed=size.train_seed)
-    }
-    candidates = generate_problems(size.num_validation + len(pool), "train", size.levels, seed=size.validation_seed)
-    fresh = [problem for problem in candidates if problem.problem not in pool][: size.num_validation]
-    renamed = [replace_problem(problem, id=f"validation-{index}") for index, problem in enumerate(fresh)]
-    return write_problems(renamed, output_dir / "validation.jsonl")
-
-
-def _eval_common(size: ProvingGroundSize, instruction: str) -> dict:
-    return {
-        "temperature": size.temperature,
-        "top_p": 1.0,
-        "batch_size": size.eval_batch_size,
-        "prompt_instruction": instruction,
-        "seed": 0,
-    }
-
-
 def evaluate_policy(model, name: str, files: dict[str, Path], size: ProvingGroundSize, instruction: str, out: Path):
     """(exact-coverage block on the test problems, sampled metrics on the subset) of one policy, both reused."""
     from align.pipeline import check_sane, evaluate
 
-    common = _eval_common(size, instruction)
+    common = eval_common(size, instruction)
     exact = evaluate(model, files["test"], out / name / "exact", exact_coverage=True, n=0, **common)
     sampled = evaluate(
         model, files["sampled"], out / name / "sampled", n=size.n, max_new_tokens=size.max_new_tokens, **common
@@ -386,78 +321,6 @@ def warm_start(output_dir: Path, size: ProvingGroundSize, model: str, instructio
         fields = warmup_fields(size, model, instruction)
         warmup = train_recipe("sft", default_recipe("sft"), output_dir / "train" / "warmup", fields)
         return merge_start(warmup, output_dir / "start")
-
-
-def tune_learning_rate(
-    output_dir: Path, size: ProvingGroundSize, model: str, *, instruction: str, learning_rates: list[float]
-) -> dict:
-    """`--tune-lr`: GRPO at each learning rate on `tune_seed` (not a reported seed), scored by exact coverage on
-    validation problems of the train split (`validation_problems`), never on the test problems; writes
-    `tune/report.md` and `tune/results.json` and names the rate with the highest validation pass@16 (the middle of the
-    range the claims are about). Shares the run directory's warm-up, start and training problems."""
-    import json
-
-    from align.evaluation.exact_coverage import compare_exact_coverage
-    from align.experiments.runs import check_repro_config
-    from align.pipeline import evaluate, stage
-
-    output_dir = output_dir.resolve()
-    identity = {key: value for key, value in asdict(size).items() if key != "learning_rate"}
-    check_repro_config(output_dir / "tune", {"experiment": "pass-k-tune", "model": model, **identity})
-    start = warm_start(output_dir, size, model, instruction)
-    with stage("select the training problems (exact p of the start on the pool)"):
-        train_file = select_training_problems(start, size, instruction, output_dir)
-    validation = validation_problems(size, output_dir / "tune")
-    common = _eval_common(size, instruction)
-    blocks = {
-        "start": evaluate(
-            start, validation, output_dir / "tune" / "eval" / "start", exact_coverage=True, n=0, **common
-        )["exact_coverage"]
-    }
-    for rate in learning_rates:
-        name = f"grpo-lr{rate:g}-s{size.tune_seed}"
-        with stage(f"tune: train {name}"):
-            run_dir = output_dir / "tune" / "train" / name
-            trained = train_arm(
-                "grpo", size.tune_seed, replace(size, learning_rate=rate), start, train_file, instruction, run_dir
-            )
-        out = output_dir / "tune" / "eval" / name
-        blocks[f"{rate:g}"] = evaluate(trained, validation, out, exact_coverage=True, n=0, **common)["exact_coverage"]
-    rows = []
-    for name, block in blocks.items():
-        diff = compare_exact_coverage(blocks["start"], block, TUNE_NS) if name != "start" else None
-        rows.append(
-            {"learning_rate": name, "pass_at": {n: block["pass_at"][str(n)] for n in TUNE_NS}, "vs_start": diff}
-        )
-    chosen = max((row for row in rows if row["learning_rate"] != "start"), key=lambda row: row["pass_at"][16])
-    lines = [
-        f"# pass@k proving ground: learning-rate tuning (GRPO, seed {size.tune_seed})",
-        "",
-        f"Exact coverage on {size.num_validation} validation problems (train split, synthetic seed "
-        f"{size.validation_seed}, none of the training pool's); percent, with the difference from the start and its "
-        "paired-bootstrap 95 % interval. The test problems of the report were not used.",
-        "",
-        "| learning rate | " + " | ".join(f"pass@{n}" for n in TUNE_NS) + " |",
-        "| --- |" + " --- |" * len(TUNE_NS),
-    ]
-    for row in rows:
-        cells = []
-        for n in TUNE_NS:
-            value = f"{100 * row['pass_at'][n]:.1f}"
-            if row["vs_start"]:
-                d = row["vs_start"][f"pass@{n}"]
-                value += f" ({100 * d['diff']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}])"
-            cells.append(value)
-        lines.append(f"| {row['learning_rate']} | " + " | ".join(cells) + " |")
-    lines += ["", f"Chosen (highest validation pass@16): {chosen['learning_rate']}."]
-    (output_dir / "tune" / "report.md").write_text("\n".join(lines) + "\n")
-    results = {"rows": rows, "chosen": chosen["learning_rate"]}
-    (output_dir / "tune" / "results.json").write_text(json.dumps(results, indent=2))
-    print("\n".join(lines), flush=True)
-    return results
-
-
-TUNE_NS = (1, 16, 256, 4096)
 
 
 def check_start(block: dict) -> None:
