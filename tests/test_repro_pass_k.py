@@ -145,5 +145,5 @@ def test_pass_k_rejects_bad_arguments(flags, message, tmp_path, capsys):
 
 def test_dco_rejects_pass_k_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
-        align_main(["repro", "dco", "--quick", "--output-dir", str(tmp_path), "--seeds", "0"])
+        align_main(["repro", "dco", "--quick", "--output-dir", str(tmp_path), "--objectives", "grpo"])
     assert "belong to `align repro pass-k`" in capsys.readouterr().err
