@@ -99,6 +99,13 @@ def _pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{100 * value:.{digits}f}"
 
 
+def _points(value: float) -> str:
+    """A difference in percentage points, signed: two decimals, or two significant digits below 0.005 points (two
+    adapters after a few steps differ by 1e-5 points, and a consistent sign then makes the interval exclude 0)."""
+    points = 100 * value
+    return f"{points:+.1e}" if 0 < abs(points) < 0.005 else f"{points:+.2f}"
+
+
 def _exact_table(results: dict) -> list[str]:
     lines = ["| model | " + " | ".join(f"exact pass@{n}" for n in REPORT_NS) + " |", "| --- |" + " --- |" * 4]
     for name, exact in results["exact"].items():
@@ -134,8 +141,8 @@ def _difference_table(results: dict) -> list[str]:
         d = results["difference"]["paired"][f"pass@{n}"]
         verdict = "shown" if d["shown"] else "not shown (interval contains 0)"
         lines.append(
-            f"| {n} | {_pct(d['mean_a'])} | {_pct(d['mean_b'])} | {100 * d['diff']:+.2f} | "
-            f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] | {verdict} |"
+            f"| {n} | {_pct(d['mean_a'])} | {_pct(d['mean_b'])} | {_points(d['diff'])} | "
+            f"[{_points(d['low'])}, {_points(d['high'])}] | {verdict} |"
         )
     return lines
 

@@ -45,7 +45,7 @@ def test_demo_quick_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
         assert d["n"] == 8 and d["low"] <= d["diff"] <= d["high"]
         exact_ce, exact_dco = (results["exact"][name]["pass_at"][n[5:]] for name in ("cross-entropy", "DCO (N'=16)"))
         assert d["diff"] == pytest.approx(exact_dco - exact_ce, abs=1e-6)
-        assert f"| {n[5:]} | " in report and f"[{100 * d['low']:+.2f}, {100 * d['high']:+.2f}]" in report
+        assert f"| {n[5:]} | " in report and f"[{_points(d['low'])}, {_points(d['high'])}]" in report
     # the cross-check: sampled pass@1 / pass@4 / maj@4 on the first 3 problems beside the exact bound on them
     assert "| model | sampled pass@1 | exact pass@1 | sampled pass@4 | exact pass@4 | sampled maj@4 |" in report
     from align.evaluation.exact_coverage import pass_at_n_lower_bound
@@ -72,6 +72,11 @@ def test_demo_quick_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(hf_backend, "HFBackend", lambda *a, **k: pytest.fail("finished exact coverage was redone"))
     assert align_main(["demo", "--quick", "--model", tiny_model_dir, "--output-dir", str(out)]) == 0
     assert json.loads((out / "results.json").read_text())["difference"] == results["difference"]
+
+
+def _points(value: float) -> str:
+    points = 100 * value
+    return f"{points:+.1e}" if 0 < abs(points) < 0.005 else f"{points:+.2f}"
 
 
 def _dir(name: str) -> str:
@@ -117,6 +122,8 @@ def test_demo_report_on_known_probabilities():
     assert row["exact"] == pytest.approx({"pass@1": 0.35, "pass@16": 1 - (0.5**16 + 0.8**16) / 2})
     report = report_text(results)
     assert f"| 4096 | {100 * bound(ce_p, 4096):.1f} | {100 * bound(dco_p, 4096):.1f} |" in report
+    d = results["difference"]["paired"]["pass@1"]
+    assert f"| 1 | 17.8 | 18.8 | +1.03 | [{100 * d['low']:+.2f}, {100 * d['high']:+.2f}] |" in report
     exact_16 = 100 * row["exact"]["pass@16"]
     assert f"| cross-entropy | 25.0 ± 5.0 | 35.0 | 50.0 ± 5.0 | {exact_16:.1f} | 25.0 ± 5.0 |" in report
     low, high = results["exact"]["DCO (N'=16)"]["ci95"]["16"]
