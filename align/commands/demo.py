@@ -19,11 +19,10 @@ import argparse
 import os
 from pathlib import Path
 
-# align.commands.repro imports the instruction from here; it lives with the experiment in align.demo
-from align.demo import DIRECT_ANSWER_INSTRUCTION, FULL, QUICK, describe_plan, run_demo
+from align.demo import FULL, QUICK, describe_plan, run_demo
 
 
-__all__ = ["DIRECT_ANSWER_INSTRUCTION", "HELP", "main"]
+__all__ = ["HELP", "main"]
 
 HELP = "End-to-end demo on CPU: base vs cross-entropy vs DCO fine-tuning, exact pass@N curves and a report."
 

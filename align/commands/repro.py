@@ -21,7 +21,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from align.commands.demo import DIRECT_ANSWER_INSTRUCTION
+from align.demo import DIRECT_ANSWER_INSTRUCTION
 
 
 HELP = (
@@ -48,7 +48,12 @@ def main(argv: list[str]) -> int:
     sizes.add_argument("--num-test", "--num_test", type=int, help="Held-out test problems.")
     sizes.add_argument("--levels", type=int, nargs="+", help="Synthetic difficulty levels (1-5).")
     pass_k = parser.add_argument_group("pass-k (align.experiments.pass_k)")
-    pass_k.add_argument("--seeds", type=int, nargs="+", help="Training seeds of every arm (default 0 1; --quick: 0).")
+    pass_k.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="Training seeds (every pass-k arm, every dco method; default 0 1; --quick: 0).",
+    )
     pass_k.add_argument("--objectives", nargs="+", help="Arms to train (default all; must include grpo).")
     pass_k.add_argument(
         "--tune-lr",
