@@ -8,8 +8,9 @@ pass@16 0.374, pass@256 0.947 on its 40 test problems), merged into the weights 
 pass@16 are checked against 0.05-0.4 and < 0.8.
 
 Arms, each trained from `start/` with the same fresh LoRA (seeded: B = 0, so the step-0 policy IS the start), the
-same training problems (a fresh draw from the train split, synthetic seed 1), the same prompts per step and order
-(GRPO's seeded sampler), K samples per prompt, optimizer steps, learning rate and seed:
+same training problems (`train.jsonl`: the problems of a 1024-problem train-split pool, synthetic seed 1, on which the
+start's exact p lies in [0.05, 0.8]; `pass_k_problems.select_training_problems` says why), the same prompts per step
+and order (GRPO's seeded sampler), K samples per prompt, optimizer steps, learning rate and seed:
 
 - online (`align train pass_n --pass_k_objective X`): `grpo` (TRL's (r - mean)/std advantages, scale_rewards=group),
   `dco` (N' = 16), `pkpo` (k = 8, loo-1), `pkpo_anneal` (k = 8 for the first half of the steps, then k = 1),
@@ -19,6 +20,9 @@ same training problems (a fresh draw from the train split, synthetic seed 1), th
 - offline (the gold answer as the target, `completion_target: answer`): `sft` (cross-entropy) and `dco_offline`
   (DCO, N' = 16), one problem per online prompt, same steps.
 
+The learning rate (1e-4) was chosen by `--tune-lr` (`pass_k_tune`): GRPO on seed 2, scored on validation problems of
+the train split, never on the test problems.
+
 Evaluation of every final policy: exact coverage (`align eval --exact-coverage`, temperature 1) on `num_test` held-out
 problems from the test split (pass@1, @16, @256, @4096, curve to 10⁴), and sampled pass@1/@16 (n = 16) on the
 first `num_sampled` of them as the cross-check; paired-bootstrap 95 % intervals over problems of each arm minus GRPO
@@ -26,23 +30,11 @@ of the same seed (`pass_k_report`). Layout of the run directory: train/<arm>-s<s
 eval/<arm>-s<seed>/{exact,sampled}/ (summary.json), report.md, results.json, pass-k.png. A finished arm or
 evaluation is reused, an interrupted one resumes (`align.pipeline`).
 
-Budget: the full sweep must fit 90 minutes on 2 free cores (bf16 auto). Measured here, on the 2 cores shared by 4
-jobs (load 6-8): one GRPO step of 4 prompts x 16 samples (completions 8.3 tokens, prompts ~70 with the chat
-template) took 315 s, ~15x the free-core rate the demo implies (an SFT step of 16 sequences of ~80 tokens: 4.2 s,
-docs/precision.md), so the sizes below are computed from the free-core rates, ~0.26 s per training sequence and
-~0.055 s per sampled one:
-
-- warm-up 48 steps x 4.2 s = 200 s, merge 15 s;
-- one online arm: 20 steps x 2 prompts x 16 samples = 640 sequences, ~11 s per step (32 sequences forward and
-  backward ~8.4 s, sampling 12 tokens ~2.5 s) = 220 s + 15 s loading = 235 s; 7 arms x 2 seeds = 3290 s;
-- one offline arm: 20 steps of 2 problems ~1 s + 15 s loading = 35 s; 2 arms x 2 seeds = 140 s;
-- one evaluation: exact coverage of 256 problems (one forward pass each, ~15 s) + 32 x 16 samples (~28 s) + loading
-  ~7 s = 50 s; 19 policies = 950 s;
-
-total ~4600 s = 77 minutes, 13 minutes of slack. Each online arm sees 40 prompts: at the start's pass@1 (~0.07)
-about 60 % of the groups of 16 samples are all wrong (no gradient for any objective; measured: 75 % in one step of
-4), so the arms differ by ~15 informative groups each; the step's `step_time` in the first arm's log tells whether a
-machine keeps to the budget.
+Budget (measured on 2 free cores, bf16 auto; neighbours on the same cores, even at nice 19 or SCHED_IDLE, made GRPO
+steps 4-7x slower, so the sweep needs the machine to itself): warm-up 48 steps, 236 s; an online arm, 8 steps of
+4 prompts x 16 samples (64 sequences of ~80 tokens, ~27 s per step), 205-220 s; an evaluation (exact coverage of 256
+problems + 32 x 16 samples), ~37 s; an offline arm under a minute. 14 online arms + 4 offline + 19 evaluations:
+about 70 minutes.
 """
 
 from __future__ import annotations
