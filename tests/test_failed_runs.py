@@ -62,7 +62,8 @@ def test_a_failed_repro_leaves_its_directory_usable(tiny_model_dir, tmp_path, mo
     with pytest.raises(StopAfterTheBaseModel):
         align_main([*command, "--model", tiny_model_dir])  # the corrected command: the base model gets evaluated
     assert json.loads((out / "repro_config.json").read_text())["model"] == tiny_model_dir
-    assert (out / "eval" / "base-e0" / "samples.jsonl").read_text()
+    assert (out / "eval" / "base" / "exact" / "exact_coverage.jsonl").read_text()
+    assert (out / "eval" / "base" / "sampled" / "samples.jsonl").read_text()
     capsys.readouterr()
     # with results recorded, the identity binds: another configuration is refused, in one line
     assert align_main([*command, "--model", tiny_model_dir, "--n", "2"]) == 2

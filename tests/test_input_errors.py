@@ -388,7 +388,10 @@ def test_repro_help_gives_one_duration(capsys):
     with pytest.raises(SystemExit):
         main(["repro", "--help"])
     out = capsys.readouterr().out
-    assert "about an hour" not in out and out.count("about 3 hours") == 2
+    # each experiment's duration is stated once in the description and once in the size group, and they agree
+    assert "about an hour" not in out and "about 3 hours" not in out
+    assert out.count("About 30 minutes for 2 seeds") == 1 and "dco about 30 minutes" in out
+    assert out.count("about 65 minutes on 2 free cores") == 1 and "pass-k about 65" in out
 
 
 def test_parsing_a_recipe_prints_no_future_warning(tmp_path):

@@ -6,12 +6,12 @@ experiment trains cross-entropy and DCO (N' = 16 and 64) LoRA adapters of SmolLM
 with direct answers for max(epochs) epochs per training seed, evaluates the checkpoints after epochs 1, 2, 4 by exact
 coverage on 256 held-out problems (pass@1..10^4 without sampling noise; a sampled cross-check on 16 of them) and the
 greedy-answer confidence, and decides the paper's claims per seed from paired-bootstrap 95 % intervals (report.md,
-results.json, repro-dco.png). About 35 minutes for 2 seeds on 2 free CPU cores (`--quick`: a few minutes); every
+results.json, repro-dco.png). About 30 minutes for 2 seeds on 2 free CPU cores (`--quick`: a few minutes); every
 stage is resumable.
 
 `align repro pass-k` is the pass@k proving ground (`align.experiments.pass_k`): every objective of `align train
 pass_n --pass_k_objective`, and offline cross-entropy vs DCO, from one warm-up, scored by exact coverage with
-paired-bootstrap intervals against GRPO (about 77 minutes on 2 free cores; `--quick`: a few minutes).
+paired-bootstrap intervals against GRPO (about 65 minutes on 2 free cores; `--quick`: a few minutes).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in a few minutes.")
     sizes = parser.add_argument_group(
-        "size overrides (default: the full sweep; dco about 35 minutes, pass-k about 77, on 2 free CPU cores)"
+        "size overrides (default: the full sweep; dco about 30 minutes, pass-k about 65, on 2 free CPU cores)"
     )
     sizes.add_argument("--epochs", type=int, nargs="+", help="Evaluate after these epochs (trains max(epochs)).")
     sizes.add_argument("--pass-n", "--pass_n", dest="pass_ns", type=int, nargs="+", help="DCO budgets N' to train.")
