@@ -177,23 +177,21 @@ def arm_fields(
 
 
 def warmup_fields(size: ProvingGroundSize, model: str, instruction: str) -> dict:
-    """The demo's cross-entropy run (`align demo`'s train_overrides at its full size), on sft.yaml."""
-    return {
-        "model_name_or_path": model,
-        "synthetic_levels": size.levels,
-        "synthetic_num_train": size.warmup_num_train,
-        "completion_target": "answer",
-        "prompt_instruction": instruction,
-        "max_steps": size.warmup_steps,
-        "per_device_train_batch_size": size.warmup_batch_size,
-        "learning_rate": size.warmup_learning_rate,
-        "save_strategy": "steps",
-        "save_steps": max(size.warmup_steps // 4, 1),
-        "logging_steps": max(size.warmup_steps // 20, 1),
-        "max_length": 128,
-        "report_to": "none",
-        "seed": 0,
-    }
+    """The demo's cross-entropy run (`align demo`'s train_overrides at the warm-up's sizes), on sft.yaml, seed 0."""
+    from align.demo import DemoSize, train_overrides
+
+    demo = DemoSize(
+        levels=size.levels,
+        num_train=size.warmup_num_train,
+        num_test=0,
+        num_sampled=0,
+        max_steps=size.warmup_steps,
+        batch_size=size.warmup_batch_size,
+        learning_rate=size.warmup_learning_rate,
+        n=0,
+        max_new_tokens=0,
+    )
+    return {**train_overrides(demo, model), "prompt_instruction": instruction, "seed": 0}
 
 
 def merge_start(adapter_dir: Path, start_dir: Path) -> Path:
