@@ -101,3 +101,55 @@ def test_perfect_scorer_and_calibration():
     assert all(entry["accuracy"] == 1.0 for entry in result["best"]["per_position"].values())
     randomly = evaluate_step_scores(random_step_scores([row["steps"] for row in rows]), labels)
     assert randomly["best"]["f1"] < 0.9
+
+
+def test_eval_steps_scores_a_prm_and_its_baselines(tmp_path, tiny_model_dir, capsys):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.cli import main as align_main
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in policy.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    prm = tmp_path / "prm"
+    policy.save_pretrained(prm)
+    tokenizer.save_pretrained(prm)
+    (prm / "implicit_prm.json").write_text(json.dumps({"beta": 0.05, "reference_model": tiny_model_dir}))
+    out = tmp_path / "steps"
+    args = ["eval-steps", "--prm", str(prm), "--synthetic", "16", "--num-calibration", "8", "--output-dir", str(out)]
+    assert align_main(args) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["scorers"]) == {"prm", "likelihood", "random"}
+    for result in summary["scorers"].values():
+        for mode in ("best", "calibrated"):
+            entry = result[mode]
+            assert 0.0 <= entry["f1"] <= 1.0 and entry["num_error"] == 8 and entry["num_correct"] == 8
+        assert result["best"]["f1"] >= result["calibrated"]["f1"]  # the best threshold on the rows is an upper bound
+    assert "| prm (best on test)" in printed and "| likelihood (chosen on calibration)" in printed
+    scores = json.loads((out / "step_scores.json").read_text())
+    rows = step_error_rows(16)
+    assert [len(s) for s in scores["prm"]["test"]] == [len(row["steps"]) for row in rows]
+    # A file in ProcessBench's format is read the same way; a bad label is named, with its row and field.
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert (
+        align_main(["eval-steps", "--prm", str(prm), "--data", str(data), "--no-likelihood", "--output-dir", str(out)])
+        == 0
+    )
+    again = json.loads((out / "step_scores.json").read_text())
+    flat = [value for row in scores["prm"]["test"] for value in row]
+    assert [value for row in again["prm"]["test"] for value in row] == pytest.approx(flat, abs=1e-6)
+    assert again["likelihood"] == {}
+    bad = dict(rows[0], label=7)
+    data.write_text(json.dumps(bad) + "\n")
+    from align.evaluation.step_scoring import StepRowError, read_rows
+
+    with pytest.raises(StepRowError, match=r"row 0, field 'label' = 7"):
+        read_rows(data)

@@ -18,8 +18,8 @@ steps say where it went wrong. Three kinds of error:
 Which kinds a step admits depends on what it does (a step that only restates the problem can only miscopy an
 operand). Error positions are balanced: the i-th erroneous problem of a level, with `num_steps` computation steps,
 gets its error at step i mod num_steps (within a level, rows alternate correct / erroneous when `error_fraction` is
-0.5), so every position is equally represented in each level. The final "The answer is $\\boxed{...}$." sentence is the last step; it is never the
-first error (it restates the previous step's value).
+0.5), so every position is equally represented in each level. The final "The answer is $\\boxed{...}$." sentence is
+the last step; it is never the first error (it restates the previous step's value).
 """
 
 from __future__ import annotations
