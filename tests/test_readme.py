@@ -65,6 +65,7 @@ def tiny(command: str, tiny_model_dir: str) -> list[str]:
         "diagnose attention": ["--limit", "2", "--max-length", "64"],
         "diagnose entanglement": [],
         "diagnose steps": [],
+        "eval-steps": ["--synthetic", "4", "--num-calibration", "4"],
     }
     return [*argv, *offline, *sizes[name]]
 
