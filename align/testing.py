@@ -89,3 +89,17 @@ def build_tiny_model(output_dir: str | os.PathLike, seed: int = 0, num_hidden_la
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def perturbed_copy(model_dir: str | os.PathLike, scale: float = 0.05, seed: int = 0):
+    """The model saved in `model_dir` with N(0, scale²) noise added to every weight (seeded): a stand-in for a trained
+    policy or PRM whose log-ratios to `model_dir` are non-zero."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model

@@ -185,14 +185,11 @@ def models(tiny_model_dir):
     """The tiny model as reference, and a perturbed copy as a 'trained' PRM (so log-ratios are non-zero)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from align.testing import perturbed_copy
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in policy.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
-    return policy, reference, tokenizer
+    return perturbed_copy(tiny_model_dir), reference, tokenizer
 
 
 def _examples(tokenizer, count=6):

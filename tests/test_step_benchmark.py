@@ -106,17 +106,13 @@ def test_perfect_scorer_and_calibration():
 def test_eval_steps_scores_a_prm_and_its_baselines(tmp_path, tiny_model_dir, capsys):
     import json
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from align.cli import main as align_main
+    from align.testing import perturbed_copy
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in policy.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    policy = perturbed_copy(tiny_model_dir)
     prm = tmp_path / "prm"
     policy.save_pretrained(prm)
     tokenizer.save_pretrained(prm)

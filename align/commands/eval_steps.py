@@ -14,8 +14,6 @@ calibration rows, with per-position accuracies.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 
 HELP = "Step-error localization (ProcessBench F1) of an implicit PRM: --prm PATH --synthetic N | --data FILE"
@@ -46,16 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from align.data.prompts import DEFAULT_INSTRUCTION
-    from align.data.step_errors import step_error_rows
     from align.evaluation.scoring import load_scorer
-    from align.evaluation.step_scoring import format_results, read_rows, run_step_benchmark
+    from align.evaluation.step_scoring import (
+        format_results,
+        read_rows,
+        run_step_benchmark,
+        synthetic_rows,
+        write_results,
+    )
 
     if args.synthetic is not None:
-        levels = tuple(args.levels)
-        rows = step_error_rows(args.synthetic, split="test", levels=levels, seed=args.seed)
-        calibration = step_error_rows(
-            args.num_calibration or args.synthetic, split="train", levels=levels, seed=args.seed
-        )
+        rows, calibration = synthetic_rows(args.synthetic, args.num_calibration, args.levels, args.seed)
     else:
         rows = read_rows(args.data)
         calibration = read_rows(args.calibration) if args.calibration else None
@@ -71,11 +70,7 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         likelihood=not args.no_likelihood,
     )
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    step_scores = results.pop("step_scores")
-    (out / "summary.json").write_text(json.dumps({"prm": args.prm, **results}, indent=2))
-    (out / "step_scores.json").write_text(json.dumps(step_scores))
+    summary = write_results(args.output_dir, args.prm, results)
     print(format_results(results))
-    print(f"summary: {out / 'summary.json'}")
+    print(f"summary: {summary}")
     return 0

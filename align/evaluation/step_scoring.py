@@ -76,42 +76,44 @@ def completion_and_ends(steps: list[str]) -> tuple[str, list[int]]:
     return STEP_SEPARATOR.join(steps), ends
 
 
-def score_rows(scorer, rows: list[dict], prompts: list[str], *, kind: str = "prm", batch_size: int = 16) -> list[list]:
+def score_rows(scorer, rows: list[dict], prompts: list[str], *, kind: str = "prm") -> list[list]:
     """Per row, one score per step: `kind` "prm" (the step rewards of an `ImplicitPRM`) or "likelihood" (mean token
-    log-prob per step from a reference-free scorer: its token rewards are β·log π)."""
+    log-prob per step from a reference-free scorer: its token rewards are β·log π). One `score` call for all rows,
+    so the scorer sorts them by length across the whole set before batching (`scorer.batch_size`)."""
     texts = [completion_and_ends(row["steps"]) for row in rows]
+    results = scorer.score(prompts, [c for c, _ in texts], step_ends=[e for _, e in texts])
     scores: list[list[float]] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = texts[start : start + batch_size]
-        results = scorer.score(
-            prompts[start : start + batch_size], [c for c, _ in chunk], step_ends=[e for _, e in chunk]
-        )
-        for (_, ends), result in zip(chunk, results):
-            if len(result.step_rewards) != len(ends):
-                raise RuntimeError(f"the scorer returned {len(result.step_rewards)} steps for {len(ends)}")
-            if kind == "prm":
-                scores.append([float(value) for value in result.step_rewards])
-            else:
-                scores.append(
-                    [sum(result.token_rewards[a:b]) / scorer.beta / max(b - a, 1) for a, b in result.step_token_spans]
-                )
+    for (_, ends), result in zip(texts, results):
+        if len(result.step_rewards) != len(ends):
+            raise RuntimeError(f"the scorer returned {len(result.step_rewards)} steps for {len(ends)}")
+        if kind == "prm":
+            scores.append([float(value) for value in result.step_rewards])
+        else:
+            spans = result.step_token_spans
+            scores.append([sum(result.token_rewards[a:b]) / scorer.beta / max(b - a, 1) for a, b in spans])
     return scores
 
 
-def likelihood_scorer(prm):
+def likelihood_scorer(prm, batch_size: int):
     """A reference-free scorer over the PRM's reference (the policy): its token rewards are β·log π_ref.
 
-    Returns (scorer, context manager to score under): for a LoRA PRM the reference is its adapter-disabled base."""
+    Returns (scorer, a function giving a fresh context manager to score under, entered once per use): for a LoRA PRM
+    the reference is its adapter-disabled base."""
     from contextlib import nullcontext
 
     from align.prm import ImplicitPRM
 
     if prm.ref_model is not None:
-        model, context = prm.ref_model, nullcontext()
+        model, context = prm.ref_model, nullcontext
     else:
-        model, context = prm.model, prm.model.disable_adapter()
+        model, context = prm.model, prm.model.disable_adapter
     scorer = ImplicitPRM(
-        model, prm.tokenizer, beta=prm.beta, reference_free=True, end_of_completion=prm.suffix or None
+        model,
+        prm.tokenizer,
+        beta=prm.beta,
+        reference_free=True,
+        end_of_completion=prm.suffix or None,
+        batch_size=batch_size,
     )
     return scorer, context
 
@@ -128,7 +130,8 @@ def run_step_benchmark(
     likelihood: bool = True,
 ) -> dict:
     """ProcessBench metrics of the PRM, of the policy-likelihood baseline and of a random flag on `rows`, each at
-    its best threshold there and at the threshold chosen on `calibration_rows` (when given)."""
+    its best threshold there and at the threshold chosen on `calibration_rows` (when given). Sets
+    `prm.batch_size` to `batch_size` (completions per forward pass)."""
     from align.data.prompts import render_prompt
     from align.evaluation.step_benchmark import evaluate_step_scores, random_step_scores
 
@@ -139,19 +142,18 @@ def run_step_benchmark(
         ]
 
     sets = {"test": rows, **({"calibration": calibration_rows} if calibration_rows else {})}
+    prm.batch_size = batch_size
+    reference = likelihood_scorer(prm, batch_size) if likelihood else None
     scores: dict[str, dict[str, list]] = {"prm": {}, "likelihood": {}, "random": {}}
     for name, items in sets.items():
         prompts = prompts_of(items)
-        scores["prm"][name] = score_rows(prm, items, prompts, kind="prm", batch_size=batch_size)
-        if likelihood:
-            scorer, context = likelihood_scorer(prm)
-            with context:
-                scores["likelihood"][name] = score_rows(
-                    scorer, items, prompts, kind="likelihood", batch_size=batch_size
-                )
-        scores["random"][name] = random_step_scores(
-            [row["steps"] for row in items], seed=seed + (name == "calibration")
-        )
+        scores["prm"][name] = score_rows(prm, items, prompts, kind="prm")
+        if reference is not None:
+            scorer, context = reference
+            with context():
+                scores["likelihood"][name] = score_rows(scorer, items, prompts, kind="likelihood")
+        seed_of_set = seed + (name == "calibration")
+        scores["random"][name] = random_step_scores([row["steps"] for row in items], seed=seed_of_set)
     labels = {name: [row["label"] for row in items] for name, items in sets.items()}
     results = {}
     for scorer_name, by_set in scores.items():
@@ -183,3 +185,24 @@ def format_results(results: dict) -> str:
                     f"{100 * entry['correct_accuracy']:.1f} | {100 * entry['f1']:.1f} |"
                 )
     return "\n".join(lines)
+
+
+def synthetic_rows(num: int, num_calibration: int | None, levels, seed: int) -> tuple[list[dict], list[dict]]:
+    """(test rows from the synthetic test split, calibration rows from the train split): `align eval-steps
+    --synthetic`."""
+    from align.data.step_errors import step_error_rows
+
+    levels = tuple(levels)
+    test = step_error_rows(num, split="test", levels=levels, seed=seed)
+    return test, step_error_rows(num_calibration or num, split="train", levels=levels, seed=seed)
+
+
+def write_results(output_dir: str | Path, prm_name: str, results: dict) -> Path:
+    """summary.json (metrics) and step_scores.json (every scorer's per-step scores) in `output_dir`; returns the
+    summary's path. `results` is `run_step_benchmark`'s."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = {key: value for key, value in results.items() if key != "step_scores"}
+    (out / "summary.json").write_text(json.dumps({"prm": prm_name, **metrics}, indent=2))
+    (out / "step_scores.json").write_text(json.dumps(results["step_scores"]))
+    return out / "summary.json"
