@@ -12,6 +12,11 @@ stage is resumable.
 `align repro pass-k` is the pass@k proving ground (`align.experiments.pass_k`): every objective of `align train
 pass_n --pass_k_objective`, and offline cross-entropy vs DCO, from one warm-up, scored by exact coverage with
 paired-bootstrap intervals against GRPO (about 65 minutes on 2 free cores; `--quick`: a few minutes).
+
+`align repro prm` is the implicit-PRM proving ground (`align.experiments.prm`): a chain-of-thought warm-up, PRMs
+(`ce`, `dpo`) trained on the policy's own graded samples with the policy as reference, then best-of-16 and weighted
+maj@16 against maj@16 on held-out samples, process (`min`) against outcome (`sum`) scores, and the step-error
+benchmark, with paired-bootstrap intervals (`--quick`: a few minutes).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from align.demo import DIRECT_ANSWER_INSTRUCTION
 
 HELP = (
     "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs), `align repro "
-    "pass-k` (every pass@k objective against GRPO)."
+    "pass-k` (every pass@k objective against GRPO), `align repro prm` (an on-policy implicit PRM: best-of-N vs "
+    "majority vote, step-error F1)."
 )
 
 
@@ -34,7 +40,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="align repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=["dco", "pass-k"], help="Which paper effect to reproduce.")
+    parser.add_argument("experiment", choices=["dco", "pass-k", "prm"], help="Which paper effect to reproduce.")
     parser.add_argument("--output-dir", "--output_dir", help="Default: runs/repro-<experiment>.")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in a few minutes.")
@@ -52,9 +58,11 @@ def main(argv: list[str]) -> int:
         "--seeds",
         type=int,
         nargs="+",
-        help="Training seeds (every pass-k arm, every dco method; default 0 1; --quick: 0).",
+        help="Training seeds (every pass-k arm, every dco method, every prm objective; default 0 1; --quick: 0).",
     )
-    pass_k.add_argument("--objectives", nargs="+", help="Arms to train (default all; must include grpo).")
+    pass_k.add_argument(
+        "--objectives", nargs="+", help="pass-k: arms to train (default all; must include grpo). prm: ce and/or dpo."
+    )
     pass_k.add_argument(
         "--tune-lr",
         type=float,
@@ -65,12 +73,14 @@ def main(argv: list[str]) -> int:
     )
     pass_k.add_argument("--learning-rate", type=float, help="Learning rate of every arm (default: the tuned 1e-4).")
     pass_k.add_argument(
-        "--steps", type=int, help="Optimizer steps of every arm (also takes --num-train/-test, --levels)."
+        "--steps", type=int, help="Optimizer steps of every arm or PRM (also takes --num-train/-test, --levels)."
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if args.experiment == "pass-k":
         return _pass_k(parser, args)
+    if args.experiment == "prm":
+        return _prm(parser, args)
     return _dco(parser, args)
 
 
@@ -130,4 +140,25 @@ def _pass_k(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     pass_k.run_pass_k_proving_ground(
         output_dir, size, args.model, instruction=DIRECT_ANSWER_INSTRUCTION, seeds=seeds, arms=arms
     )
+    return 0
+
+
+def _prm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from align.experiments import prm
+
+    if any(getattr(args, name) is not None for name in ("epochs", "pass_ns", "tune_lr", "learning_rate")):
+        parser.error("--epochs, --pass-n, --tune-lr and --learning-rate are not options of `align repro prm`")
+    objectives = args.objectives or list(prm.OBJECTIVES)
+    if not set(objectives) <= set(prm.OBJECTIVES):
+        parser.error(f"--objectives: got {objectives}; `align repro prm` trains {' and/or '.join(prm.OBJECTIVES)}")
+    if args.seeds is not None and any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds: got {args.seeds}; training seeds are integers >= 0")
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds is not None else [0] if args.quick else [0, 1]
+    size = prm.QUICK if args.quick else prm.PRMReproSize()
+    overrides = _size_overrides(parser, args, ("num_train", "num_test", "levels", "n", "steps"))
+    if "steps" in overrides:
+        overrides["prm_steps"] = overrides.pop("steps")
+    size = replace(size, objectives=list(dict.fromkeys(objectives)), **overrides)
+    output_dir = Path(args.output_dir or ("runs/repro-prm-quick" if args.quick else "runs/repro-prm"))
+    prm.run_prm_repro(output_dir, size, args.model, seeds=seeds)
     return 0
