@@ -34,7 +34,9 @@ def enable_fused_log_probs(model) -> None:
         target._align_fused_lm_head = True
 
 
-def token_log_probs(model, input_ids: torch.Tensor, scored: torch.Tensor, attention_mask: torch.Tensor | None = None):
+def token_log_probs(
+    model, input_ids: torch.Tensor, scored: torch.Tensor, attention_mask: torch.Tensor | None = None, **model_kwargs
+):
     """Per-token log-probs of the `scored` tokens, from one fused-head forward of `model`.
 
     Args:
@@ -42,7 +44,8 @@ def token_log_probs(model, input_ids: torch.Tensor, scored: torch.Tensor, attent
             wrapped by accelerate or PEFT).
         input_ids: (batch, length) token ids.
         scored: (batch, length) mask, nonzero where the token's log-prob is wanted (e.g. a completion mask).
-        attention_mask: (batch, length), or None for unpadded input.
+        attention_mask: (batch, length), or None for unpadded input; (batch, past + length) with a cache.
+        model_kwargs: passed to the forward, e.g. `past_key_values` of a shared prefix (then `input_ids` continue it).
 
     Returns:
         (log_probs, outputs): `log_probs[b, t] = log π(input_ids[b, t + 1] | input_ids[b, ≤ t])` of shape
@@ -51,7 +54,12 @@ def token_log_probs(model, input_ids: torch.Tensor, scored: torch.Tensor, attent
     """
     labels = input_ids.masked_fill(scored == 0, -100)
     outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False, fused_lm_head=True
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        labels=labels,
+        use_cache=False,
+        fused_lm_head=True,
+        **model_kwargs,
     )
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens (as TRL does).
     return outputs.log_probs[:, -(input_ids.size(1) - 1) :], outputs

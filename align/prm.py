@@ -18,13 +18,19 @@ How a completion is scored:
 3. The policy and the reference each run once per padded batch (right padding, so causal attention keeps every real
    token's log-prob independent of its batch mates), through TRL's fused LM head (`align.log_probs`, no
    (batch, length, vocab) logits).
+4. Completions that share their prompt (the N samples of one problem) are scored against the prompt's key/value
+   cache, computed once per model (`share_prompt`): each batch then runs only the completion tokens (and the
+   prompt's last token, whose output predicts the first completion token), instead of re-encoding the prompt N
+   times. Batches are length-sorted, within a prompt's completions and across the rest, to cut padding.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -88,6 +94,15 @@ def read_settings(path: str | Path) -> dict:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
+def _cache_argument(model) -> str:
+    """The forward's name for a key/value cache: `cache` (transformers >= 5.2x, which deprecates the old name), else
+    `past_key_values`."""
+    import inspect
+
+    forward = (model.get_base_model() if is_peft_model(model) else model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 class ImplicitPRM:
     """Score completions with an implicit PRM: `policy` trained as β·log π/π_ref, and its reference.
 
@@ -102,6 +117,8 @@ class ImplicitPRM:
         end_of_completion: "auto" (the chat template's end of turn, or EOS), None (nothing), or a literal string
             appended after each completion before scoring.
         batch_size: completions per forward pass.
+        share_prompt: score completions of the same prompt against its key/value cache, computed once per model
+            (the same numbers as re-encoding it, to rounding; fewer tokens through both models).
         max_length: longest tokenized prompt + completion; longer ones are cut and flagged `truncated`. Default:
             the model's `max_position_embeddings`.
     """
@@ -118,6 +135,7 @@ class ImplicitPRM:
         end_of_completion: str | None = "auto",
         batch_size: int = 8,
         max_length: int | None = None,
+        share_prompt: bool = True,
     ):
         if not beta > 0:
             raise ValueError(f"beta must be > 0, got {beta}")
@@ -141,7 +159,7 @@ class ImplicitPRM:
         self.beta, self.reference_free = float(beta), reference_free
         self.step_separator, self.step_pattern = step_separator, step_pattern
         self.suffix = end_of_turn_text(tokenizer) if end_of_completion == "auto" else (end_of_completion or "")
-        self.batch_size = batch_size
+        self.batch_size, self.share_prompt = batch_size, share_prompt
         limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.max_length = max_length or limit
         enable_fused_log_probs(self.model)
@@ -219,40 +237,85 @@ class ImplicitPRM:
     # ------------------------------------------------------------------ scoring
 
     @torch.inference_mode()
-    def _score_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
+    def _score_batch(self, batch: list[Segmentation], aggregate: str, caches=None) -> list[StepScore]:
         models = [m for m in (self.model, self.ref_model) if m is not None]
         modes = [m.training for m in models]
         for m in models:
             m.eval()  # no dropout while scoring; the caller's mode (e.g. a trainer's model) is restored below
         try:
-            return self._score_eval_batch(batch, aggregate)
+            return self._score_eval_batch(batch, aggregate, caches)
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
 
-    def _score_eval_batch(self, batch: list[Segmentation], aggregate: str) -> list[StepScore]:
+    def _models(self):
+        """(name, model, context) of the policy and of the reference (none when reference-free): a LoRA PRM's
+        reference is its own model with the adapter disabled (one model in memory)."""
+        from contextlib import nullcontext
+
+        yield "policy", self.model, nullcontext()
+        if self.ref_model is not None:
+            yield "reference", self.ref_model, nullcontext()
+        elif not self.reference_free:
+            yield "reference", self.model, self.model.disable_adapter()
+
+    @torch.inference_mode()
+    def _prefix_caches(self, prefix: list[int]) -> dict:
+        """`{model name: key/value cache of the prefix tokens}`, through the decoder alone (no LM head: nothing of the
+        prefix is scored)."""
+        from transformers import DynamicCache
+
+        models = [m for m in (self.model, self.ref_model) if m is not None]
+        modes = [m.training for m in models]
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([prefix], dtype=torch.long, device=device)
+        caches = {}
+        try:
+            for name, model, context in self._models():
+                model.eval()
+                causal_lm = model.get_base_model() if is_peft_model(model) else model
+                with context:
+                    cache = DynamicCache(config=causal_lm.config)
+                    decoder = causal_lm.get_decoder()
+                    decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache})
+                caches[name] = cache
+        finally:
+            for m, mode in zip(models, modes):
+                m.train(mode)
+        return caches
+
+    def _score_eval_batch(self, batch: list[Segmentation], aggregate: str, caches=None) -> list[StepScore]:
+        """Score `batch`; with `caches` (`_prefix_caches` of the prefix every item shares: its tokens before the
+        prompt's last one), only the tokens from the prompt's last one on are run."""
         device = next(self.model.parameters()).device
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        length = max(len(item.input_ids) for item in batch)
+        # first input position of each row: 0, or the shared prefix's length when it comes from the cache
+        offsets = [0 if caches is None else item.completion_start - 1 for item in batch]
+        length = max(len(item.input_ids) - offset for item, offset in zip(batch, offsets))
+        prefix = 0 if caches is None else offsets[0]
         input_ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), length), dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), prefix + length), dtype=torch.long)
         scored = torch.zeros((len(batch), length), dtype=torch.bool)
-        for row, item in enumerate(batch):
-            input_ids[row, : len(item.input_ids)] = torch.tensor(item.input_ids)
-            attention_mask[row, : len(item.input_ids)] = 1
-            scored[row, item.completion_start : len(item.input_ids)] = True
+        for row, (item, offset) in enumerate(zip(batch, offsets)):
+            tokens = item.input_ids[offset:]
+            input_ids[row, : len(tokens)] = torch.tensor(tokens)
+            attention_mask[row, : prefix + len(tokens)] = 1
+            scored[row, item.completion_start - offset : len(tokens)] = True
         input_ids, attention_mask, scored = input_ids.to(device), attention_mask.to(device), scored.to(device)
 
-        policy, _ = token_log_probs(self.model, input_ids, scored, attention_mask)
-        reference = None
-        if self.ref_model is not None:
-            reference, _ = token_log_probs(self.ref_model, input_ids, scored, attention_mask)
-        elif not self.reference_free:
-            with self.model.disable_adapter():  # a LoRA PRM: its adapter-disabled base is the reference
-                reference, _ = token_log_probs(self.model, input_ids, scored, attention_mask)
-        # Index j of the fused output is the log-prob of token j + 1; token 0 is never scored.
+        log_probs = {}
+        for name, model, context in self._models():
+            extra = {}
+            if caches is not None:  # a private copy per call: the forward appends the batch's keys/values to it
+                cache = copy.deepcopy(caches[name])
+                cache.batch_repeat_interleave(len(batch))
+                extra[_cache_argument(model)] = cache
+            with context:
+                log_probs[name], _ = token_log_probs(model, input_ids, scored, attention_mask, **extra)
+        reference = log_probs.get("reference")
+        # Index j of the fused output is the log-prob of input token j + 1; input token 0 is never scored.
         rewards = token_rewards(
-            policy.double(), None if reference is None else reference.double(), scored[:, 1:], self.beta
+            log_probs["policy"].double(), None if reference is None else reference.double(), scored[:, 1:], self.beta
         )
 
         # Completion-aligned token rewards and step boundaries, padded across the batch.
@@ -261,8 +324,8 @@ class ImplicitPRM:
         completion_rewards = torch.zeros((len(batch), max(num_tokens)), dtype=torch.float64)
         step_ends = torch.zeros((len(batch), max(num_steps)), dtype=torch.long)
         step_mask = torch.zeros((len(batch), max(num_steps)), dtype=torch.bool)
-        for row, item in enumerate(batch):
-            start = item.completion_start - 1
+        for row, (item, offset) in enumerate(zip(batch, offsets)):
+            start = item.completion_start - offset - 1
             completion_rewards[row, : num_tokens[row]] = rewards[row, start : start + num_tokens[row]].cpu()
             step_ends[row, : num_steps[row]] = torch.tensor(item.step_ends)
             step_mask[row, : num_steps[row]] = True
@@ -290,6 +353,30 @@ class ImplicitPRM:
                 )
             )
         return results
+
+    def _plan(self, encoded: list[Segmentation]) -> list[tuple[list[int] | None, list[list[int]]]]:
+        """[(shared prefix tokens or None, batches of indices)]: the completions of each prompt that has several
+        (with `share_prompt`) as one group scored against its prefix cache, the rest batched across prompts; longest
+        first within each, so batches hold similar lengths and padding stays small."""
+
+        def longest_first(indices: list[int]) -> list[list[int]]:
+            order = sorted(indices, key=lambda i: -len(encoded[i].input_ids))
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for index, item in enumerate(encoded):
+            # the prefix is everything before the prompt's last token: that token's output scores the first
+            # completion token, so it must run with the completion
+            groups[tuple(item.input_ids[: item.completion_start - 1])].append(index)
+        plan, rest = [], []
+        for prefix, indices in groups.items():
+            if self.share_prompt and prefix and len(indices) > 1:
+                plan.append((list(prefix), longest_first(indices)))
+            else:
+                rest += indices
+        if rest:
+            plan.append((None, longest_first(rest)))
+        return plan
 
     def score(
         self,
@@ -321,15 +408,19 @@ class ImplicitPRM:
                 len(encoded),
                 self.max_length,
             )
-        # Longest first, so batches hold similar lengths and padding stays small.
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        if progress:
-            from tqdm.auto import tqdm
+        from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="PRM scoring", unit="batch")
         results: list[StepScore | None] = [None] * len(encoded)
-        for indices in batches:
-            for index, result in zip(indices, self._score_batch([encoded[i] for i in indices], aggregate)):
-                results[index] = result
+        plan = self._plan(encoded)
+        bar = tqdm(
+            total=sum(len(batches) for _, batches in plan), desc="PRM scoring", unit="batch", disable=not progress
+        )
+        for prefix, batches in plan:
+            caches = None if prefix is None else self._prefix_caches(prefix)
+            for indices in batches:
+                scored = self._score_batch([encoded[i] for i in indices], aggregate, caches)
+                for index, result in zip(indices, scored):
+                    results[index] = result
+                bar.update()
+        bar.close()
         return results

@@ -295,6 +295,56 @@ def test_lora_reference_is_the_adapter_disabled_base(tiny_model_dir, models):
         assert a.token_rewards == pytest.approx(b.token_rewards, abs=1e-5)
 
 
+def _samples_of_few_prompts(tokenizer):
+    """N completions per prompt, as a sampler gives them: 3 prompts x 4, one prompt with a single completion."""
+    prompts, completions = _examples(tokenizer, count=6)
+    grouped_prompts, grouped = [], []
+    for index in range(3):
+        for j in range(4):
+            grouped_prompts.append(prompts[index])
+            grouped.append(completions[(index + j) % len(completions)] + " ok" * j)
+    return [*grouped_prompts, prompts[5]], [*grouped, completions[5]]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_completions_of_one_prompt_score_against_its_cache_as_if_reencoded(tiny_model_dir, models, lora):
+    from peft import get_peft_model
+
+    from align.models import build_lora_config
+
+    policy, reference, tokenizer = models
+    if lora:  # the reference is the same model with its adapter disabled: a cache per (model, adapter state)
+        from transformers import AutoModelForCausalLM
+
+        policy = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), build_lora_config(lora_r=4))
+        with torch.no_grad():
+            for name, parameter in policy.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        reference = None
+    prompts, completions = _samples_of_few_prompts(tokenizer)
+    shared = ImplicitPRM(policy, tokenizer, ref_model=reference, batch_size=3, share_prompt=True)
+    plain = ImplicitPRM(policy, tokenizer, ref_model=reference, batch_size=3, share_prompt=False)
+    # the plan: one cached group per prompt with several completions, batched longest first; the single one apart
+    encoded = [shared._segment(p, c, None, i) for i, (p, c) in enumerate(zip(prompts, completions))]
+    plan = shared._plan(encoded)
+    assert [prefix is not None for prefix, _ in plan] == [True, True, True, False]
+    assert [sorted(i for batch in batches for i in batch) for _, batches in plan[:3]] == [
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [8, 9, 10, 11],
+    ]
+    for _, batches in plan:
+        lengths = [len(encoded[i].input_ids) for batch in batches for i in batch]
+        assert lengths == sorted(lengths, reverse=True)
+    assert [len(batches) for _, batches in plan] == [2, 2, 2, 1]
+    for a, b in zip(shared.score(prompts, completions), plain.score(prompts, completions)):
+        assert any(x != 0 for x in a.token_rewards)
+        assert a.token_rewards == pytest.approx(b.token_rewards, abs=1e-5)
+        assert a.step_rewards == pytest.approx(b.step_rewards, abs=1e-5)
+        assert a.text == b.text and a.steps == b.steps
+
+
 def test_from_pretrained_reads_settings_and_needs_a_reference_for_full_models(tmp_path, tiny_model_dir, models):
     import json
 

@@ -77,8 +77,9 @@ def test_ranking_metrics_match_brute_force():
         for _ in range(4):
             answer = rng.choice(["1", "2", "3"])
             rewards = [rng.gauss(0, 1) for _ in range(rng.randint(1, 3))]
-            samples.append({"verdict": "correct" if answer == "1" else "incorrect", "group": answer,
-                            "step_rewards": rewards})
+            samples.append(
+                {"verdict": "correct" if answer == "1" else "incorrect", "group": answer, "step_rewards": rewards}
+            )
         records.append({"id": f"p{index}", "samples": samples})
     values = per_problem_metrics(records, 4)
     for index, record in enumerate(sorted(records, key=lambda r: r["id"])):

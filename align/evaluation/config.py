@@ -212,7 +212,7 @@ class EvalConfig(SamplingRunArguments):
     prm_ref: str | None = field(default=None, metadata={"help": "Reference model of the PRM (default: its own)."})
     prm_aggregate: str = field(default="min", metadata={"help": f"Step rewards -> sample score: one of {AGGREGATES}."})
     prm_beta: float | None = field(default=None, metadata={"help": "PRM beta (default: the PRM's own)."})
-    prm_batch_size: int = field(default=8, metadata={"help": "Samples scored per PRM call."})
+    prm_batch_size: int = field(default=8, metadata={"help": "Completions per PRM forward pass."})
     plot: bool = field(default=True, metadata={"help": "Write passk.png."})
 
     def __post_init__(self):

@@ -11,6 +11,9 @@ from align.data.prompts import render_prompt
 from align.evaluation.records import SamplesFileError
 
 
+SCORE_CALL_BATCHES = 32  # forward batches' worth of completions handed to the scorer per call
+
+
 def prm_descriptor(path: str, ref: str | None, aggregate: str, beta: float | None) -> dict:
     """What a record's scores were computed with (`scored_with`): records scored alike are not scored again."""
     return {"prm": path, "ref": ref, "aggregate": aggregate, "beta": beta}
@@ -69,10 +72,15 @@ def score_records(
         if record.get("scored_with") != descriptor or any("score" not in s for s in record["samples"])
         for sample in record["samples"]
     ]
+    if hasattr(scorer, "batch_size"):
+        scorer.batch_size = batch_size  # completions per forward pass
+    # Calls of many completions (whole problems' samples together), so that an ImplicitPRM encodes each prompt once
+    # for all its samples and sorts the completions by length across problems; the bar moves per call.
+    per_call = batch_size * SCORE_CALL_BATCHES
     bar = tqdm(total=len(todo), desc="score", unit="sample", disable=not progress)
     try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
+        for start in range(0, len(todo), per_call):
+            chunk = todo[start : start + per_call]
             results = scorer.score(
                 [r["prompt"] for r, _ in chunk], [s["completion"] for _, s in chunk], aggregate=aggregate
             )

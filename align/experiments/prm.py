@@ -154,7 +154,9 @@ def warm_start(output_dir: Path, size: PRMReproSize, model: str) -> Path:
     from align.training import default_recipe
 
     with stage(f"warm-up: cross-entropy on {size.warmup_num_train} chain-of-thought solutions"):
-        warmup = train_recipe("sft", default_recipe("sft"), output_dir / "train" / "warmup", warmup_fields(size, model))
+        warmup = train_recipe(
+            "sft", default_recipe("sft"), output_dir / "train" / "warmup", warmup_fields(size, model)
+        )
         return merge_start(warmup, output_dir / "start")
 
 

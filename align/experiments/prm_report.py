@@ -72,9 +72,7 @@ def ranking_results(scored: dict[str, list[dict]], n: int) -> dict:
         values = per_problem_metrics(records, n)
         results[name] = {
             "means": {key: sum(v) / len(v) for key, v in values.items()},
-            "differences": {
-                label: paired_bootstrap(values[a], values[b], seed=0) for label, b, a in COMPARISONS
-            },
+            "differences": {label: paired_bootstrap(values[a], values[b], seed=0) for label, b, a in COMPARISONS},
         }
     return results
 
