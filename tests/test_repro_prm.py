@@ -8,7 +8,7 @@ import pytest
 
 from align.cli import main as align_main
 from align.evaluation import runs
-from align.experiments.prm_report import aggregate, per_problem_metrics
+from align.experiments.prm_report import aggregate, discrimination, per_problem_metrics
 from tests.scripted_backend import ScriptedBackend, arithmetic_script
 
 
@@ -47,6 +47,7 @@ def test_prm_proving_ground_on_tiny_model(tiny_model_dir, tmp_path, scripted, ca
         means = entry["means"]
         assert means["pass@1"] == 0.5 and means["pass@n"] == 1.0 and means["maj"] == 1.0
         assert 0.0 <= means["bon_process"] <= 1.0 and 0.0 <= means["bon_outcome"] <= 1.0
+        assert entry["auc"]["process"]["problems"] == 4 and 0.0 <= entry["auc"]["outcome"]["within_problem"] <= 1.0
         for difference in entry["differences"].values():
             assert difference["low"] <= difference["diff"] <= difference["high"] and difference["n"] == 4
     steps = results["steps"]
@@ -92,6 +93,23 @@ def test_ranking_metrics_match_brute_force():
     assert aggregate([], "min") == 0.0 and aggregate([1.0, -2.0], "sum") == -1.0
     with pytest.raises(ValueError, match="'min' or 'sum'"):
         aggregate([1.0], "mean")
+
+
+def test_discrimination_separates_knowing_the_problem_from_ranking_its_samples():
+    def record(scores_right, scores_wrong):
+        samples = [{"verdict": "correct", "step_rewards": [s]} for s in scores_right]
+        return {"samples": samples + [{"verdict": "incorrect", "step_rewards": [s]} for s in scores_wrong]}
+
+    # an easy problem scored high, a hard one low, and inside each the wrong sample above the right one
+    records = [record([1.0], [1.5, 1.5]), record([-1.0, -1.0, -1.0], [-0.5]), record([0.0], [])]
+    auc = discrimination(records, "min")
+    assert auc["within_problem"] == 0.0 and auc["problems"] == 2
+    # pooled: right {1, -1, -1, -1, 0} vs wrong {1.5, 1.5, -0.5}, by brute force
+    right, wrong = [1.0, -1.0, -1.0, -1.0, 0.0], [1.5, 1.5, -0.5]
+    assert auc["pooled"] == sum(r > w for r in right for w in wrong) / 15
+    tied = discrimination([record([2.0], [2.0])], "sum")
+    assert tied == {"pooled": 0.5, "within_problem": 0.5, "problems": 1}
+    assert discrimination([record([1.0], [])], "min") == {"pooled": None, "within_problem": None, "problems": 0}
 
 
 @pytest.mark.parametrize(

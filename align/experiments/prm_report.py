@@ -65,13 +65,40 @@ def per_problem_metrics(records: list[dict], n: int) -> dict[str, list[float]]:
     return out
 
 
+def _auc(positive: list[float], negative: list[float]) -> float:
+    """P(a positive's score > a negative's), ties counted half: the Mann-Whitney AUC, by direct comparison."""
+    wins = sum((p > q) + 0.5 * (p == q) for p in positive for q in negative)
+    return wins / (len(positive) * len(negative))
+
+
+def discrimination(records: list[dict], how: str) -> dict:
+    """How well the score separates right from wrong samples: `pooled` AUC over every sample of every problem (which
+    a score that only knows how hard a problem is already wins), and `within_problem` AUC, the mean over problems
+    with both kinds of sample of their own AUC (what best-of-N needs); `problems` counts the latter."""
+    pooled_right, pooled_wrong, per_problem = [], [], []
+    for record in records:
+        scores = [(aggregate(s["step_rewards"], how), s["verdict"] == "correct") for s in record["samples"]]
+        right = [score for score, correct in scores if correct]
+        wrong = [score for score, correct in scores if not correct]
+        pooled_right += right
+        pooled_wrong += wrong
+        if right and wrong:
+            per_problem.append(_auc(right, wrong))
+    return {
+        "pooled": _auc(pooled_right, pooled_wrong) if pooled_right and pooled_wrong else None,
+        "within_problem": sum(per_problem) / len(per_problem) if per_problem else None,
+        "problems": len(per_problem),
+    }
+
+
 def ranking_results(scored: dict[str, list[dict]], n: int) -> dict:
-    """Means and paired-bootstrap differences of every PRM's ranking metrics."""
+    """Means and paired-bootstrap differences of every PRM's ranking metrics, and its discrimination AUCs."""
     results = {}
     for name, records in scored.items():
         values = per_problem_metrics(records, n)
         results[name] = {
             "means": {key: sum(v) / len(v) for key, v in values.items()},
+            "auc": {label: discrimination(records, how) for label, how in AGGREGATES.items()},
             "differences": {label: paired_bootstrap(values[a], values[b], seed=0) for label, b, a in COMPARISONS},
         }
     return results
@@ -97,6 +124,16 @@ def ranking_table(ranking: dict, n: int) -> str:
         cells = [m[key] for key in ("pass@1", "maj", "pass@n", "bon_process", "bon_outcome")]
         cells += [m["weighted_maj_process"], m["weighted_maj_outcome"]]
         lines.append(f"| {name} | " + " | ".join(map(_pct, cells)) + " |")
+    lines += [
+        "",
+        "| PRM | AUC process, pooled | AUC process, within problem | AUC outcome, pooled | "
+        "AUC outcome, within problem |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in ranking.items():
+        auc = entry["auc"]
+        cells = [auc[kind][scope] for kind in ("process", "outcome") for scope in ("pooled", "within_problem")]
+        lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
     lines += ["", "| PRM | " + " | ".join(label for label, _, _ in COMPARISONS) + " |"]
     lines.append("| --- |" + " --- |" * len(COMPARISONS))
     for name, entry in ranking.items():
