@@ -8,7 +8,7 @@ import pytest
 
 from align.cli import main as align_main
 from align.evaluation import runs
-from align.experiments.prm_report import aggregate, discrimination, per_problem_metrics
+from align.experiments.prm_report import aggregate, discrimination, per_problem_metrics, top_pick
 from tests.scripted_backend import ScriptedBackend, arithmetic_script
 
 
@@ -110,6 +110,21 @@ def test_discrimination_separates_knowing_the_problem_from_ranking_its_samples()
     tied = discrimination([record([2.0], [2.0])], "sum")
     assert tied == {"pooled": 0.5, "within_problem": 0.5, "problems": 1}
     assert discrimination([record([1.0], [])], "min") == {"pooled": None, "within_problem": None, "problems": 0}
+
+
+def test_top_pick_counts_distinct_texts_as_a_ranker_sees_them():
+    def sample(text, correct, score):
+        return {"completion": text, "verdict": "correct" if correct else "incorrect", "step_rewards": [score]}
+
+    # the right text sampled 3 times, 3 different wrong texts: a random sample is right 1/2, a random text 1/4
+    mixed = {
+        "samples": [sample("r", True, 0.1)] * 3 + [sample(w, False, s) for w, s in (("a", 0.0), ("b", 0.2), ("c", -1))]
+    }
+    solved = {"samples": [sample("r", True, 0.0)] * 2}  # no wrong sample: not a ranking problem
+    pick = top_pick([mixed, solved], "min")
+    assert pick == {"mixed_problems": 1, "top_is_right": 0.0, "chance_random_sample": 0.5,
+                    "chance_random_distinct_text": 0.25}  # fmt: skip
+    assert top_pick([solved], "sum")["top_is_right"] is None
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,31 @@ def discrimination(records: list[dict], how: str) -> dict:
     }
 
 
+def top_pick(records: list[dict], how: str) -> dict:
+    """On the problems with both right and wrong samples: how often the top-scored sample is right, against the two
+    chances a score-blind pick has, a random sample (pass@1 there) and a random distinct text. Identical texts get
+    identical scores, so a ranker chooses among distinct texts, while majority voting counts the repeats: the right
+    answer of a problem is often one text sampled many times, the wrong ones many texts."""
+    picks, by_sample, by_text = [], [], []
+    for record in records:
+        samples = record["samples"]
+        right = [s for s in samples if s["verdict"] == "correct"]
+        if not right or len(right) == len(samples):
+            continue
+        best = max(samples, key=lambda s: aggregate(s["step_rewards"], how))
+        picks.append(best["verdict"] == "correct")
+        by_sample.append(len(right) / len(samples))
+        texts = {s["completion"]: s["verdict"] == "correct" for s in samples}
+        by_text.append(sum(texts.values()) / len(texts))
+    count = len(picks)
+    return {
+        "mixed_problems": count,
+        "top_is_right": sum(picks) / count if count else None,
+        "chance_random_sample": sum(by_sample) / count if count else None,
+        "chance_random_distinct_text": sum(by_text) / count if count else None,
+    }
+
+
 def ranking_results(scored: dict[str, list[dict]], n: int) -> dict:
     """Means and paired-bootstrap differences of every PRM's ranking metrics, and its discrimination AUCs."""
     results = {}
@@ -99,6 +124,7 @@ def ranking_results(scored: dict[str, list[dict]], n: int) -> dict:
         results[name] = {
             "means": {key: sum(v) / len(v) for key, v in values.items()},
             "auc": {label: discrimination(records, how) for label, how in AGGREGATES.items()},
+            "top_pick": {label: top_pick(records, how) for label, how in AGGREGATES.items()},
             "differences": {label: paired_bootstrap(values[a], values[b], seed=0) for label, b, a in COMPARISONS},
         }
     return results
@@ -134,6 +160,20 @@ def ranking_table(ranking: dict, n: int) -> str:
         auc = entry["auc"]
         cells = [auc[kind][scope] for kind in ("process", "outcome") for scope in ("pooled", "within_problem")]
         lines.append(f"| {name} | " + " | ".join("-" if c is None else f"{c:.3f}" for c in cells) + " |")
+    lines += [
+        "",
+        "On problems with right and wrong samples: the top-scored sample is right (process / outcome), against "
+        "a random sample and a random distinct text:",
+        "",
+        "| PRM | problems | top right, process | top right, outcome | random sample | random distinct text |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, entry in ranking.items():
+        pick = entry["top_pick"]
+        if pick["process"]["mixed_problems"]:
+            cells = [pick["process"]["top_is_right"], pick["outcome"]["top_is_right"]]
+            cells += [pick["process"]["chance_random_sample"], pick["process"]["chance_random_distinct_text"]]
+            lines.append(f"| {name} | {pick['process']['mixed_problems']} | " + " | ".join(map(_pct, cells)) + " |")
     lines += ["", "| PRM | " + " | ".join(label for label, _, _ in COMPARISONS) + " |"]
     lines.append("| --- |" + " --- |" * len(COMPARISONS))
     for name, entry in ranking.items():
