@@ -63,3 +63,37 @@ def token_log_probs(
     )
     # Prompt-learning PEFT prepends virtual tokens to the outputs; keep the positions of the real tokens (as TRL does).
     return outputs.log_probs[:, -(input_ids.size(1) - 1) :], outputs
+
+
+def cache_argument(model) -> str:
+    """The forward's name for a key/value cache: `cache` (transformers >= 5.2x, which deprecates the old name), else
+    `past_key_values`."""
+    import inspect
+
+    forward = (model.get_base_model() if is_peft_model(model) else model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def prefix_cache(model, prefix_ids: torch.Tensor, context=None):
+    """The key/value cache of `prefix_ids` (1, P) under `model` (inside `context`, e.g. a LoRA model's
+    `disable_adapter()`), through the decoder alone: no LM head, since nothing of a shared prefix is scored."""
+    from contextlib import nullcontext
+
+    from transformers import DynamicCache
+
+    causal_lm = model.get_base_model() if is_peft_model(model) else model
+    with torch.inference_mode(), context or nullcontext():
+        cache = DynamicCache(config=causal_lm.config)
+        decoder = causal_lm.get_decoder()
+        decoder(input_ids=prefix_ids, use_cache=True, **{cache_argument(decoder): cache})
+    return cache
+
+
+def repeated_cache(cache, batch_size: int):
+    """A private copy of a (batch 1) prefix cache repeated `batch_size` times: a forward appends its batch's keys and
+    values to the cache it is given, so the shared one must stay untouched."""
+    import copy
+
+    repeated = copy.deepcopy(cache)
+    repeated.batch_repeat_interleave(batch_size)
+    return repeated

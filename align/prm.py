@@ -26,22 +26,28 @@ How a completion is scored:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
-from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from align.errors import InputError
-from align.log_probs import enable_fused_log_probs, is_peft_model, token_log_probs
+from align.log_probs import (
+    cache_argument,
+    enable_fused_log_probs,
+    is_peft_model,
+    prefix_cache,
+    repeated_cache,
+    token_log_probs,
+)
 from align.losses.implicit_reward import AGGREGATES, aggregate_step_rewards, process_rewards, token_rewards
 from align.precision import resolve_inference_dtype
-from align.steps import DEFAULT_STEP_SEPARATOR, Segmentation, segment_completion
+from align.steps import DEFAULT_STEP_SEPARATOR, Segmentation, plan_batches, segment_completion
 
 
 logger = logging.getLogger("align.prm")
@@ -92,15 +98,6 @@ def read_settings(path: str | Path) -> dict:
     """The settings a trained PRM was saved with (beta, step separator, ...), or {} when there are none."""
     file = Path(path) / SETTINGS_FILE
     return json.loads(file.read_text()) if file.is_file() else {}
-
-
-def _cache_argument(model) -> str:
-    """The forward's name for a key/value cache: `cache` (transformers >= 5.2x, which deprecates the old name), else
-    `past_key_values`."""
-    import inspect
-
-    forward = (model.get_base_model() if is_peft_model(model) else model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 class ImplicitPRM:
@@ -236,17 +233,23 @@ class ImplicitPRM:
 
     # ------------------------------------------------------------------ scoring
 
-    @torch.inference_mode()
-    def _score_batch(self, batch: list[Segmentation], aggregate: str, caches=None) -> list[StepScore]:
+    @contextmanager
+    def _eval_mode(self):
+        """No dropout while scoring; the caller's mode (e.g. a trainer's model) is restored afterwards."""
         models = [m for m in (self.model, self.ref_model) if m is not None]
         modes = [m.training for m in models]
         for m in models:
-            m.eval()  # no dropout while scoring; the caller's mode (e.g. a trainer's model) is restored below
+            m.eval()
         try:
-            return self._score_eval_batch(batch, aggregate, caches)
+            yield
         finally:
             for m, mode in zip(models, modes):
                 m.train(mode)
+
+    @torch.inference_mode()
+    def _score_batch(self, batch: list[Segmentation], aggregate: str, caches=None) -> list[StepScore]:
+        with self._eval_mode():
+            return self._score_eval_batch(batch, aggregate, caches)
 
     def _models(self):
         """(name, model, context) of the policy and of the reference (none when reference-free): a LoRA PRM's
@@ -259,30 +262,11 @@ class ImplicitPRM:
         elif not self.reference_free:
             yield "reference", self.model, self.model.disable_adapter()
 
-    @torch.inference_mode()
     def _prefix_caches(self, prefix: list[int]) -> dict:
-        """`{model name: key/value cache of the prefix tokens}`, through the decoder alone (no LM head: nothing of the
-        prefix is scored)."""
-        from transformers import DynamicCache
-
-        models = [m for m in (self.model, self.ref_model) if m is not None]
-        modes = [m.training for m in models]
-        device = next(self.model.parameters()).device
-        ids = torch.tensor([prefix], dtype=torch.long, device=device)
-        caches = {}
-        try:
-            for name, model, context in self._models():
-                model.eval()
-                causal_lm = model.get_base_model() if is_peft_model(model) else model
-                with context:
-                    cache = DynamicCache(config=causal_lm.config)
-                    decoder = causal_lm.get_decoder()
-                    decoder(input_ids=ids, use_cache=True, **{_cache_argument(decoder): cache})
-                caches[name] = cache
-        finally:
-            for m, mode in zip(models, modes):
-                m.train(mode)
-        return caches
+        """`{model name: key/value cache of the prefix tokens}` (`align.log_probs.prefix_cache`), in eval mode."""
+        ids = torch.tensor([prefix], dtype=torch.long, device=next(self.model.parameters()).device)
+        with self._eval_mode():
+            return {name: prefix_cache(model, ids, context) for name, model, context in self._models()}
 
     def _score_eval_batch(self, batch: list[Segmentation], aggregate: str, caches=None) -> list[StepScore]:
         """Score `batch`; with `caches` (`_prefix_caches` of the prefix every item shares: its tokens before the
@@ -305,11 +289,7 @@ class ImplicitPRM:
 
         log_probs = {}
         for name, model, context in self._models():
-            extra = {}
-            if caches is not None:  # a private copy per call: the forward appends the batch's keys/values to it
-                cache = copy.deepcopy(caches[name])
-                cache.batch_repeat_interleave(len(batch))
-                extra[_cache_argument(model)] = cache
+            extra = {} if caches is None else {cache_argument(model): repeated_cache(caches[name], len(batch))}
             with context:
                 log_probs[name], _ = token_log_probs(model, input_ids, scored, attention_mask, **extra)
         reference = log_probs.get("reference")
@@ -355,28 +335,7 @@ class ImplicitPRM:
         return results
 
     def _plan(self, encoded: list[Segmentation]) -> list[tuple[list[int] | None, list[list[int]]]]:
-        """[(shared prefix tokens or None, batches of indices)]: the completions of each prompt that has several
-        (with `share_prompt`) as one group scored against its prefix cache, the rest batched across prompts; longest
-        first within each, so batches hold similar lengths and padding stays small."""
-
-        def longest_first(indices: list[int]) -> list[list[int]]:
-            order = sorted(indices, key=lambda i: -len(encoded[i].input_ids))
-            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-
-        groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-        for index, item in enumerate(encoded):
-            # the prefix is everything before the prompt's last token: that token's output scores the first
-            # completion token, so it must run with the completion
-            groups[tuple(item.input_ids[: item.completion_start - 1])].append(index)
-        plan, rest = [], []
-        for prefix, indices in groups.items():
-            if self.share_prompt and prefix and len(indices) > 1:
-                plan.append((list(prefix), longest_first(indices)))
-            else:
-                rest += indices
-        if rest:
-            plan.append((None, longest_first(rest)))
-        return plan
+        return plan_batches(encoded, self.batch_size, share_prompt=self.share_prompt)
 
     def score(
         self,

@@ -183,3 +183,31 @@ def step_segment_ids(labels: Sequence[int], tokenizer, pattern: str | re.Pattern
     for position, step in zip(positions, raw_steps):
         ids[position] = dense.setdefault(step, len(dense))
     return ids
+
+
+def plan_batches(
+    encoded: list[Segmentation], batch_size: int, *, share_prompt: bool = True
+) -> list[tuple[list[int] | None, list[list[int]]]]:
+    """[(shared prefix tokens or None, batches of indices into `encoded`)]: the completions of each prompt that has
+    several (with `share_prompt`) as one group, to score against its prefix's key/value cache, the rest batched across
+    prompts; longest first within each, so batches hold similar lengths and padding stays small."""
+    from collections import defaultdict
+
+    def longest_first(indices: list[int]) -> list[list[int]]:
+        order = sorted(indices, key=lambda i: -len(encoded[i].input_ids))
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for index, item in enumerate(encoded):
+        # the prefix is everything before the prompt's last token: that token's output scores the first completion
+        # token, so it must run with the completion
+        groups[tuple(item.input_ids[: item.completion_start - 1])].append(index)
+    plan, rest = [], []
+    for prefix, indices in groups.items():
+        if share_prompt and prefix and len(indices) > 1:
+            plan.append((list(prefix), longest_first(indices)))
+        else:
+            rest += indices
+    if rest:
+        plan.append((None, longest_first(rest)))
+    return plan
