@@ -30,7 +30,7 @@ import json
 import logging
 import re
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -254,8 +254,6 @@ class ImplicitPRM:
     def _models(self):
         """(name, model, context) of the policy and of the reference (none when reference-free): a LoRA PRM's
         reference is its own model with the adapter disabled (one model in memory)."""
-        from contextlib import nullcontext
-
         yield "policy", self.model, nullcontext()
         if self.ref_model is not None:
             yield "reference", self.ref_model, nullcontext()

@@ -31,6 +31,7 @@ Two seeds x two objectives: 111 minutes, over the 90 asked for; one seed takes a
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -193,11 +194,11 @@ def training_data(start: Path, size: PRMReproSize, seed: int, output_dir: Path) 
     return {"files": files, "counts": counts}
 
 
-def score_held_out(prm_dir: Path, policy_samples: Path, size: PRMReproSize, out: Path) -> list[dict]:
+def score_held_out(load_prm, prm_dir: Path, policy_samples: Path, size: PRMReproSize, out: Path) -> list[dict]:
     """The held-out records with every sample's step rewards under the PRM (`score` = the `min` aggregate), kept in
     out/samples.jsonl; reused when that file holds every record scored by this PRM."""
     from align.evaluation.records import read_records, write_records_atomic
-    from align.evaluation.scoring import load_scorer, prm_descriptor, score_records
+    from align.evaluation.scoring import prm_descriptor, score_records
 
     descriptor = prm_descriptor(str(prm_dir), None, PROCESS, None)
     path = out / "samples.jsonl"
@@ -207,16 +208,15 @@ def score_held_out(prm_dir: Path, policy_samples: Path, size: PRMReproSize, out:
         if len(scored) == len(records) and all(record.get("scored_with") == descriptor for record in scored):
             print(f"reusing the scored samples in {path}", flush=True)
             return scored
-    scorer = load_scorer(str(prm_dir))
+    scorer = load_prm(prm_dir)
     score_records(records, scorer, aggregate=PROCESS, batch_size=size.score_batch_size, descriptor=descriptor)
     out.mkdir(parents=True, exist_ok=True)
     write_records_atomic(path, records)
     return records
 
 
-def step_benchmark(prm_dir: Path, size: PRMReproSize, out: Path, *, likelihood: bool) -> dict:
+def step_benchmark(load_prm, prm_dir: Path, size: PRMReproSize, out: Path, *, likelihood: bool) -> dict:
     """`align eval-steps --synthetic` for one PRM (summary.json reused when present)."""
-    from align.evaluation.scoring import load_scorer
     from align.evaluation.step_scoring import run_step_benchmark, synthetic_rows, write_results
 
     path = out / "summary.json"
@@ -225,7 +225,7 @@ def step_benchmark(prm_dir: Path, size: PRMReproSize, out: Path, *, likelihood: 
         return json.loads(path.read_text())
     rows, calibration = synthetic_rows(size.step_num_test, size.step_num_calibration, size.levels, seed=0)
     results = run_step_benchmark(
-        load_scorer(str(prm_dir)),
+        load_prm(prm_dir),
         rows,
         calibration,
         instruction=DEFAULT_INSTRUCTION,
@@ -250,6 +250,7 @@ def run_prm_repro(output_dir: Path, size: PRMReproSize, model: str, *, seeds: li
     from transformers import set_seed
 
     from align.data.synthetic import generate_problems
+    from align.evaluation.scoring import load_scorer
     from align.experiments.prm_report import start_warning, write_outputs
     from align.experiments.runs import check_repro_config
     from align.pipeline import evaluate, stage, train_recipe, write_problems
@@ -265,6 +266,8 @@ def run_prm_repro(output_dir: Path, size: PRMReproSize, model: str, *, seeds: li
     def timed(name: str, began: float) -> None:
         timings[name] = round(time.perf_counter() - began, 1)
 
+    # Scoring and the step benchmark of one PRM share one loaded copy; only the latest PRM is kept in memory.
+    load_prm = functools.lru_cache(maxsize=1)(lambda prm_dir: load_scorer(str(prm_dir)))
     began = time.perf_counter()
     start = warm_start(output_dir, size, model)
     timed("warm-up", began)
@@ -294,11 +297,12 @@ def run_prm_repro(output_dir: Path, size: PRMReproSize, model: str, *, seeds: li
                 timed(f"train {name}", began)
             began = time.perf_counter()
             with stage(f"score the held-out samples with {name}"):
-                scored[name] = score_held_out(prm_dir, policy_samples, size, output_dir / "eval" / name)
+                scored[name] = score_held_out(load_prm, prm_dir, policy_samples, size, output_dir / "eval" / name)
                 timed(f"score {name}", began)
             began = time.perf_counter()
             with stage(f"step-error benchmark of {name}"):
-                steps[name] = step_benchmark(prm_dir, size, output_dir / "steps" / name, likelihood=not steps)
+                out = output_dir / "steps" / name
+                steps[name] = step_benchmark(load_prm, prm_dir, size, out, likelihood=not steps)
                 timed(f"steps {name}", began)
     timings = merged_timings(output_dir / "timings.json", timings)
     results = write_outputs(
