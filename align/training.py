@@ -51,6 +51,7 @@ _TABLE = {
     "prm":     (".implicit_prm", "ImplicitPRMConfig",      "ImplicitPRMTrainer",      _prm_kind,    "implicit_prm"),
     "pass_n":  (".pass_n",       "PassAtNConfig",          "PassAtNGRPOTrainer",      "prompts",    "pass_n"),
     "grpo":    (".pass_n",       "GraderGRPOConfig",       "GraderGRPOTrainer",       "prompts",    "grpo"),
+    "prime":   (".prime",        "PrimeConfig",            "PrimeGRPOTrainer",        "prompts",    "prime"),
 }
 # fmt: on
 _DESCRIPTIONS = {
@@ -62,6 +63,7 @@ _DESCRIPTIONS = {
         "online pass@N for chains of thought: GRPO sampling, weights F(N,p̂)/c on correct samples (verifier reward)"
     ),
     "grpo": "GRPO (TRL GRPOTrainer) with align's verifier reward on the dataset's answers: the pass_n baseline",
+    "prime": "PRIME: GRPO with token advantages from an implicit PRM updated online on the verifier's outcomes",
 }
 METHODS: dict[str, Method] = {name: Method(*row, _DESCRIPTIONS[name]) for name, row in _TABLE.items()}
 

@@ -8,6 +8,7 @@ import torch
 
 from align.losses.prime import (
     accuracy_band,
+    batch_norm_process_rewards,
     leave_one_out_mean,
     masked_whiten,
     prime_advantages,
@@ -146,3 +147,18 @@ def test_accuracy_band_keeps_mixed_groups_and_pins_the_bounds():
     assert accuracy_band(five, 5, inclusive=False).tolist() == [False]
     with pytest.raises(ValueError, match="low <= high"):
         accuracy_band(outcome, 4, low=0.9, high=0.1)
+
+
+def test_batch_norm_divides_by_the_largest_process_return():
+    rewards, mask = padded(REWARDS)
+    normed = batch_norm_process_rewards(rewards, mask)
+    nonzero = mask & (rewards != 0)
+    assert (rewards[nonzero] / normed[nonzero]).tolist() == pytest.approx([0.600001] * int(nonzero.sum()), abs=1e-9)
+    whitened = prime_advantages(normed, mask, torch.tensor(OUTCOME), 4, mode="verl")
+    assert whitened[0, :3].tolist() == pytest.approx([1.1974, 1.0572, 0.7565], abs=1e-4)
+    # The largest |return| may be negative, and padding never counts.
+    padded_rewards = rewards.clone()
+    padded_rewards[~mask] = 100.0
+    assert batch_norm_process_rewards(-padded_rewards * mask, mask)[mask].tolist() == pytest.approx(
+        (-normed)[mask].tolist()
+    )

@@ -16,7 +16,8 @@ Two modes, because the paper and its code differ after the first token:
   token, and the sum is reverse-cumulated with γ. Equal to `paper` at t = 0 (and everywhere for γ = 1 and constant
   rewards); differs by (1/(K−1))·Σ_{s≥t}(r_{i,s} − m_i) elsewhere.
 
-Both then whiten over every valid token of the batch, (x − μ)/√(σ²_unbiased + 1e-8), no mean added back (verl's
+The code first divides the token rewards by the batch's largest |process return| (`batch_norm_process_rewards`,
+its `prime_norm=batch_norm`). Both then whiten over every valid token of the batch, (x − μ)/√(σ²_unbiased + 1e-8), no mean added back (verl's
 `masked_whiten`). `accuracy_band` is PRIME's prompt filter (keep a prompt whose K samples are neither all right nor
 all wrong: mean accuracy within [0.2, 0.8], inclusive as the code, strict as Alg. 1).
 
@@ -82,6 +83,15 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -
     mean = selected.mean()
     variance = ((selected - mean) ** 2).sum() / (count - 1)
     return torch.where(valid, (values - mean) / torch.sqrt(variance + eps), torch.zeros_like(values))
+
+
+def batch_norm_process_rewards(token_rewards: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """r / (max_{i,t} |Σ_{s≥t} r_{i,s}| + eps): the code's `prime_norm=batch_norm`, applied to the token rewards
+    before the advantages. It bounds every process return by 1 (so β cancels) and fixes the process/outcome scale;
+    the max runs over the valid tokens of the batch handed in (the code takes it per data-parallel shard)."""
+    returns = reverse_returns(token_rewards, mask)
+    peak = returns.abs().masked_fill(~mask.bool(), 0).max() if mask.any() else returns.new_zeros(())
+    return token_rewards / (peak + eps)
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
