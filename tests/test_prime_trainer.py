@@ -54,8 +54,14 @@ class RecordingPrime(PrimeGRPOTrainer):
         before = {n: p.detach().clone() for n, p in self.prm.named_parameters() if p.requires_grad}
         rewards, stats = super()._score_and_update_prm(output, keep, outcome)
         after = {n: p.detach().clone() for n, p in self.prm.named_parameters() if p.requires_grad}
-        self.records.append({"rewards": rewards.clone(), "keep": keep.clone(), "outcome": outcome.clone(),
-                             "moved": max((after[n] - before[n]).abs().max().item() for n in before)})
+        self.records.append(
+            {
+                "rewards": rewards.clone(),
+                "keep": keep.clone(),
+                "outcome": outcome.clone(),
+                "moved": max((after[n] - before[n]).abs().max().item() for n in before),
+            }
+        )
         return rewards, stats
 
     def _generate_and_score_completions(self, inputs):
@@ -65,8 +71,12 @@ class RecordingPrime(PrimeGRPOTrainer):
 
 
 def _trainer(tiny_model_dir, cpu_args, cls=RecordingPrime, **overrides):
-    return cls(model=tiny_model_dir, reward_funcs=even_token_sum, args=_config(cpu_args, **overrides),
-               train_dataset=_prompts())
+    return cls(
+        model=tiny_model_dir,
+        reward_funcs=even_token_sum,
+        args=_config(cpu_args, **overrides),
+        train_dataset=_prompts(),
+    )
 
 
 def test_advantages_are_prime_of_the_logged_batch_and_the_prm_learns(tiny_model_dir, cpu_args):
@@ -87,8 +97,14 @@ def test_advantages_are_prime_of_the_logged_batch_and_the_prm_learns(tiny_model_
         assert out["advantages"].shape == mask.shape
         torch.testing.assert_close(out["advantages"].double(), expected, atol=1e-5, rtol=1e-5)
     history = trainer.state.log_history
-    for name in ("prime/outcome_accuracy", "prime/prm_accuracy", "prime/prm_loss", "prime/process_reward_mean",
-                 "prime/filtered_frac", "prime/prm_grad_norm"):
+    for name in (
+        "prime/outcome_accuracy",
+        "prime/prm_accuracy",
+        "prime/prm_loss",
+        "prime/process_reward_mean",
+        "prime/filtered_frac",
+        "prime/prm_grad_norm",
+    ):
         assert any(name in entry for entry in history), name
     # The first PRM loss is the CE of σ(0) = ½ on every sample: log 2.
     assert history[0]["prime/prm_loss"] == pytest.approx(torch.log(torch.tensor(2.0)).item(), abs=1e-6)
@@ -141,8 +157,13 @@ def test_filter_drops_uniform_groups_from_the_advantages_and_the_prm(tiny_model_
 def test_lora_policy_and_lora_prm_and_resume_restores_both(tiny_model_dir, cpu_args, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
     fields = dict(cpu_args, output_dir=str(tmp_path / "run"), save_strategy="steps", save_steps=1)
-    full = RecordingPrime(model=tiny_model_dir, reward_funcs=even_token_sum, peft_config=lora,
-                          args=_config(fields, max_steps=2), train_dataset=_prompts())
+    full = RecordingPrime(
+        model=tiny_model_dir,
+        reward_funcs=even_token_sum,
+        peft_config=lora,
+        args=_config(fields, max_steps=2),
+        train_dataset=_prompts(),
+    )
     assert full.prm is not full.model and hasattr(full.prm, "disable_adapter")
     full.train()
     checkpoint = tmp_path / "run" / "checkpoint-1"
@@ -150,9 +171,13 @@ def test_lora_policy_and_lora_prm_and_resume_restores_both(tiny_model_dir, cpu_a
     assert (checkpoint / "prm" / "prm_optimizer.pt").is_file()
     final_prm = {n: p.detach().clone() for n, p in full.prm.named_parameters() if p.requires_grad}
 
-    resumed = RecordingPrime(model=tiny_model_dir, reward_funcs=even_token_sum, peft_config=lora,
-                             args=_config(dict(fields, output_dir=str(tmp_path / "again")), max_steps=2),
-                             train_dataset=_prompts())
+    resumed = RecordingPrime(
+        model=tiny_model_dir,
+        reward_funcs=even_token_sum,
+        peft_config=lora,
+        args=_config(dict(fields, output_dir=str(tmp_path / "again")), max_steps=2),
+        train_dataset=_prompts(),
+    )
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert len(resumed.records) == 1  # only step 2 ran
     # Step 2 saw the PRM of checkpoint 1: the same rewards as the uninterrupted run's step 2, and the same end.

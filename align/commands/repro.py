@@ -17,6 +17,10 @@ paired-bootstrap intervals against GRPO (about 65 minutes on 2 free cores; `--qu
 (`ce`, `dpo`) trained on the policy's own graded samples with the policy as reference, then best-of-16 and weighted
 maj@16 against maj@16 on held-out samples, process (`min`) against outcome (`sum`) scores, and the step-error
 benchmark, with paired-bootstrap intervals (`--quick`: a few minutes).
+
+`align repro prime` is the PRIME proving ground (`align.experiments.prime`): PRIME against outcome-only RLOO (the
+same trainer without process rewards) and GRPO from the PRM proving ground's warm-up (`--start` reuses one), same
+prompts and sample budget, held-out pass@1/pass@8 with paired-bootstrap intervals and training-reward curves.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from align.demo import DIRECT_ANSWER_INSTRUCTION
 HELP = (
     "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs), `align repro "
     "pass-k` (every pass@k objective against GRPO), `align repro prm` (an on-policy implicit PRM: best-of-N vs "
-    "majority vote, step-error F1)."
+    "majority vote, step-error F1), `align repro prime` (PRIME vs outcome-only RLOO and GRPO)."
 )
 
 
@@ -40,9 +44,12 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="align repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("experiment", choices=["dco", "pass-k", "prm"], help="Which paper effect to reproduce.")
+    parser.add_argument(
+        "experiment", choices=["dco", "pass-k", "prm", "prime"], help="Which paper effect to reproduce."
+    )
     parser.add_argument("--output-dir", "--output_dir", help="Default: runs/repro-<experiment>.")
     parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--start", help="prime: a merged warm-up to start from (default: the PRM proving ground's).")
     parser.add_argument("--quick", action="store_true", help="Toy sizes: checks the pipeline in a few minutes.")
     sizes = parser.add_argument_group(
         "size overrides (default: the full sweep; dco about 30 minutes, pass-k about 65, on 2 free CPU cores)"
@@ -81,6 +88,10 @@ def main(argv: list[str]) -> int:
         return _pass_k(parser, args)
     if args.experiment == "prm":
         return _prm(parser, args)
+    if args.experiment == "prime":
+        return _prime(parser, args)
+    if args.start is not None:
+        parser.error("--start is an option of `align repro prime`")
     return _dco(parser, args)
 
 
@@ -161,4 +172,26 @@ def _prm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     size = replace(size, objectives=list(dict.fromkeys(objectives)), **overrides)
     output_dir = Path(args.output_dir or ("runs/repro-prm-quick" if args.quick else "runs/repro-prm"))
     prm.run_prm_repro(output_dir, size, args.model, seeds=seeds)
+    return 0
+
+
+def _prime(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from align.experiments import prime
+
+    unused = ("epochs", "pass_ns", "tune_lr", "learning_rate", "objectives")
+    if any(getattr(args, name) is not None for name in unused):
+        parser.error(
+            "--epochs, --pass-n, --tune-lr, --learning-rate and --objectives are not options of `align repro prime`"
+        )
+    if args.seeds is not None and any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds: got {args.seeds}; training seeds are integers >= 0")
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds is not None else [0] if args.quick else [0, 1]
+    size = prime.QUICK if args.quick else prime.PrimeReproSize()
+    overrides = _size_overrides(parser, args, ("num_train", "num_test", "levels", "n", "steps"))
+    if "levels" in overrides:
+        overrides["levels"] = tuple(overrides["levels"])
+    size = replace(size, **overrides)
+    output_dir = Path(args.output_dir or ("runs/repro-prime-quick" if args.quick else "runs/repro-prime"))
+    start = Path(args.start) if args.start else None
+    prime.run_prime_repro(output_dir, size, args.model, seeds=seeds, start=start)
     return 0

@@ -17,9 +17,9 @@ Two modes, because the paper and its code differ after the first token:
   rewards); differs by (1/(K−1))·Σ_{s≥t}(r_{i,s} − m_i) elsewhere.
 
 The code first divides the token rewards by the batch's largest |process return| (`batch_norm_process_rewards`,
-its `prime_norm=batch_norm`). Both then whiten over every valid token of the batch, (x − μ)/√(σ²_unbiased + 1e-8), no mean added back (verl's
-`masked_whiten`). `accuracy_band` is PRIME's prompt filter (keep a prompt whose K samples are neither all right nor
-all wrong: mean accuracy within [0.2, 0.8], inclusive as the code, strict as Alg. 1).
+its `prime_norm=batch_norm`). Both then whiten over every valid token of the batch, (x − μ)/√(σ²_unbiased + 1e-8),
+no mean added back (verl's `masked_whiten`). `accuracy_band` is PRIME's prompt filter (keep a prompt whose K samples
+are neither all right nor all wrong: mean accuracy within [0.2, 0.8], inclusive as the code, strict as Alg. 1).
 
 Pure tensor functions; groups are K contiguous rows (TRL's GRPO layout). `align.trainers` wires them.
 """

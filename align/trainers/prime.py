@@ -101,6 +101,9 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
         self._gathered_rewards: torch.Tensor | None = None
         peft_config = kwargs.get("peft_config")
         super().__init__(model, reward_funcs, args=args, **kwargs)
+        self.prm = self.prm_reference = self.prm_optimizer = None
+        if not args.use_process_rewards:  # outcome-only RLOO: no PRM at all
+            return
         start = model if isinstance(model, str) else getattr(self.model.config, "_name_or_path", None)
         self.prm, self.prm_reference = self._build_prm(prm_model, args.prm_model_name_or_path or start, peft_config)
         trainable = [p for p in self.prm.parameters() if p.requires_grad]
@@ -152,7 +155,9 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
         if (Path(path) / "adapter_config.json").is_file():  # a PRM from `align train prm`: keep training its adapter
             from peft import PeftConfig
 
-            base = AutoModelForCausalLM.from_pretrained(PeftConfig.from_pretrained(path).base_model_name_or_path, **init)
+            base = AutoModelForCausalLM.from_pretrained(
+                PeftConfig.from_pretrained(path).base_model_name_or_path, **init
+            )
             return PeftModel.from_pretrained(base, path, is_trainable=True)
         base = AutoModelForCausalLM.from_pretrained(path, **init)
         if peft_config is not None:
@@ -259,7 +264,10 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
         local = output["completion_ids"].shape[0]
         start = self.accelerator.process_index * local  # the slice GRPOTrainer keeps on this process
         local_slice = slice(start, start + local)
-        token_rewards, stats = self._score_and_update_prm(output, keep[local_slice], outcome[local_slice])
+        if self.prm is None:
+            token_rewards, stats = torch.zeros_like(output["completion_mask"], dtype=torch.float32), {}
+        else:
+            token_rewards, stats = self._score_and_update_prm(output, keep[local_slice], outcome[local_slice])
         mask = output["completion_mask"].bool() & keep[local_slice, None]
         all_rewards = self.accelerator.gather(self.accelerator.pad_across_processes(token_rewards, dim=1))
         all_mask = self.accelerator.gather(self.accelerator.pad_across_processes(mask.int(), dim=1)).bool()
@@ -307,7 +315,7 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
         self._save_prm(folder, with_optimizer=True)
 
     def _save_prm(self, folder: str, with_optimizer: bool = False) -> None:
-        if not self.args.should_save:
+        if self.prm is None or not self.args.should_save:
             return
         self.prm.save_pretrained(os.path.join(folder, PRM_DIR))
         if with_optimizer:
@@ -320,7 +328,7 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
+        if checkpoint is None or self.prm is None:
             return
         folder = os.path.join(checkpoint, PRM_DIR)
         if not os.path.isdir(folder):

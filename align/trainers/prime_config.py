@@ -43,6 +43,10 @@ class PrimeConfig(GraderGRPOConfig):
 
     > Parameters of the advantages
 
+        use_process_rewards (`bool`, *optional*, defaults to `True`):
+            `False` drops the PRM altogether (none is loaded): the advantages are then the outcome's alone, PRIME's
+            RLOO baseline with the same filter and whitening (its Fig. 3 "RLOO"), the ablation of the process reward.
+
         prime_mode (`str`, *optional*, defaults to `"verl"`):
             `verl`: what PRIME's code computes; `paper`: Eq. 5 as written (`align.losses.prime`).
         process_reward_norm (`str`, *optional*, defaults to `"batch_norm"`):
@@ -57,13 +61,16 @@ class PrimeConfig(GraderGRPOConfig):
             The band, inclusive (PRIME's code; its Alg. 1 writes it strict).
     """
 
-    prm_model_name_or_path: str | None = field(default=None, metadata={"help": "Start of the PRM (None: the policy's)."})
+    prm_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Start of the PRM (None: the policy's)."}
+    )
     prm_beta: float = field(default=0.05, metadata={"help": "β of the implicit token reward and of the CE loss."})
     prm_learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate of the PRM."})
     prm_weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay of the PRM."})
     prm_max_grad_norm: float = field(default=10.0, metadata={"help": "Gradient clipping of the PRM update."})
     prm_update: str = field(default="after", metadata={"help": f"When the PRM learns: {', '.join(PRM_UPDATES)}."})
     prm_micro_batch_size: int | None = field(default=None, metadata={"help": "Sequences per PRM forward/backward."})
+    use_process_rewards: bool = field(default=True, metadata={"help": "False: outcome-only RLOO (no PRM)."})
     prime_mode: str = field(default="verl", metadata={"help": f"Advantage formula: {', '.join(MODES)}."})
     process_reward_norm: str = field(
         default="batch_norm", metadata={"help": f"Token reward scaling: {', '.join(PROCESS_NORMS)}."}
