@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl.trainer.utils import disable_dropout_in_model
 
 from align.log_probs import enable_fused_log_probs, is_peft_model, token_log_probs
 from align.losses.implicit_reward import implicit_ce_loss
@@ -129,7 +130,14 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
             reference = self._full_reference(prm_model, location)
             reference.eval().requires_grad_(False).to(device)
             enable_fused_log_probs(reference)
-        prm_model.to(device).eval()  # eval: no dropout, so both forwards see the same network
+        # Dropout off, as TRL does for the policy, so that every forward sees the same network; train mode so that
+        # gradient checkpointing (on when the policy's is) applies to the PRM's backward too.
+        disable_dropout_in_model(prm_model)
+        prm_model.to(device).train()
+        if self.args.gradient_checkpointing:
+            prm_model.gradient_checkpointing_enable(self.args.gradient_checkpointing_kwargs)
+            if is_peft_model(prm_model):
+                prm_model.enable_input_require_grads()  # LoRA on frozen embeddings: checkpointed inputs need grads
         enable_fused_log_probs(prm_model)
         return prm_model, reference
 
