@@ -84,14 +84,14 @@ def main(argv: list[str]) -> int:
     )
     args = parser.parse_args(argv)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if args.start is not None and args.experiment != "prime":
+        parser.error("--start is an option of `align repro prime`")
     if args.experiment == "pass-k":
         return _pass_k(parser, args)
     if args.experiment == "prm":
         return _prm(parser, args)
     if args.experiment == "prime":
         return _prime(parser, args)
-    if args.start is not None:
-        parser.error("--start is an option of `align repro prime`")
     return _dco(parser, args)
 
 
