@@ -67,7 +67,8 @@ def tiny(command: str, tiny_model_dir: str) -> list[str]:
         "diagnose steps": [],
         "eval-steps": ["--synthetic", "4", "--num-calibration", "4"],
     }
-    return [*argv, *offline, *sizes[name]]
+    grpo = ["--num_generations", "2", "--max_completion_length", "8"] if name == "train" and argv[1] == "prime" else []
+    return [*argv, *offline, *sizes[name], *grpo]
 
 
 def test_the_readme_lists_every_gpu_only_command_as_skipped_and_names_files_that_exist():
