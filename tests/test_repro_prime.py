@@ -1,6 +1,6 @@
-"""`align repro prime`: the PRIME proving ground end to end on the tiny model (training samples from the model, held-out
-samples scripted so that pass@k is known), its resume, the sample-efficiency count against a hand count, and the
-command's errors."""
+"""`align repro prime`: the PRIME proving ground end to end on the tiny model (training samples from the model,
+held-out samples scripted so that pass@k is known), its resume, the sample-efficiency count against a hand count,
+and the command's errors."""
 
 import json
 
