@@ -20,8 +20,10 @@ every group is whole and every process computes the same advantages, then keeps 
 The PRM is a second model, not a second adapter on the policy: DDP and DeepSpeed wrap the policy module, and a
 backward through the wrapped module for another adapter would fire their gradient reduction on the policy's
 buckets. The PRM's gradients are averaged across processes by hand (one all-reduce per step), so it is identical on
-every rank under DDP, ZeRO-1/2 and ZeRO-3 (there the policy is sharded; the PRM, small next to the policy with LoRA,
-is replicated). Checkpoints hold the PRM (`prm/`) and its optimizer next to the policy's; resume restores both.
+every rank under DDP and ZeRO-1/2 (tests/test_prime_distributed.py). ZeRO-3 is refused with one line: transformers
+partitions every model loaded under it, so the PRM would be sharded with no DeepSpeed engine to gather it (and TRL's
+fused LM head expects DeepSpeed's parameter state). Checkpoints hold the PRM (`prm/`) and its optimizer next to the
+policy's; resume restores both.
 """
 
 from __future__ import annotations
@@ -105,6 +107,12 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
         self.prm = self.prm_reference = self.prm_optimizer = None
         if not args.use_process_rewards:  # outcome-only RLOO: no PRM at all
             return
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3:
+            raise ValueError(
+                "PRIME's PRM does not run under DeepSpeed ZeRO-3 (it would be partitioned with no engine to gather "
+                "it); launch with --accelerate-config zero2 (or ddp), or set use_process_rewards: false"
+            )
         start = model if isinstance(model, str) else getattr(self.model.config, "_name_or_path", None)
         self.prm, self.prm_reference = self._build_prm(prm_model, args.prm_model_name_or_path or start, peft_config)
         trainable = [p for p in self.prm.parameters() if p.requires_grad]
@@ -215,7 +223,8 @@ class PrimeGRPOTrainer(GraderGRPOTrainer):
             correct += ((ratio.detach().sum(-1) > 0) == (labels > 0.5)).sum().item()
         stats = {"prm_loss": (loss_sum, float(len(rows))), "prm_accuracy": (correct, float(len(rows)))}
         if learn:
-            stats["prm_grad_norm"] = (self._step_prm(), 1.0 / self.accelerator.num_processes)
+            # The norm of the all-reduced gradient, the same on every rank: (norm, 1) per rank averages to it.
+            stats["prm_grad_norm"] = (self._step_prm(), 1.0)
             if args.prm_update == "before":  # double forward: score again with the updated PRM
                 for first in range(0, len(rows), micro):
                     index = torch.tensor(rows[first : first + micro], device=input_ids.device)
