@@ -169,7 +169,7 @@ def test_every_method_saves_complete_checkpoints_in_place(method, tiny_model_dir
     out = tmp_path / "run"
     argv = ["train", method, "--config", str(default_recipe(method)), "--model_name_or_path", tiny_model_dir]
     argv += ["--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "1", *ONE_STEP]
-    assert align_main([*argv, *(SAMPLING if method in ("pass_n", "grpo") else [])]) == 0
+    assert align_main([*argv, *(SAMPLING if method in ("pass_n", "grpo", "prime") else [])]) == 0
     checkpoint = out / "checkpoint-1"
     assert (
         is_complete(checkpoint)
