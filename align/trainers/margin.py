@@ -33,6 +33,7 @@ from trl import DPOConfig, DPOTrainer
 from align.diagnostics.entanglement import (
     EntanglementCallback,
     EntanglementMonitor,
+    check_supported,
     isolated_rng,
     pair_geometry,
     select_parameters,
@@ -227,32 +228,21 @@ class MarginPreferenceTrainer(DPOTrainer):
         self._selected_params: list[torch.nn.Parameter] = []
         self._monitor: EntanglementMonitor | None = None
         if config.entanglement_steps > 0 or config.normalize_pair_gradients:
-            zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
-            if self.is_fsdp_enabled or zero3:
-                raise ValueError(
-                    "entanglement_steps > 0 and normalize_pair_gradients need per-parameter gradients, which "
-                    "DeepSpeed ZeRO-3 and FSDP shard away. Use DDP or ZeRO-1/2 (with LoRA for large models), or turn "
-                    "them off."
-                )
-            checkpointing_kwargs = config.gradient_checkpointing_kwargs or {}
-            if config.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant"):
-                raise ValueError(
-                    "entanglement_steps > 0 and normalize_pair_gradients take per-pair gradients with "
-                    "torch.autograd.grad, which reentrant activation checkpointing does not support. Set "
-                    "`gradient_checkpointing_kwargs: {use_reentrant: false}` (the default) or turn checkpointing off."
-                )
+            check_supported(self)
             self._selected_params = [p for _, p in select_parameters(self.model, config.entanglement_params)]
         if config.entanglement_steps > 0:
-            self._monitor = EntanglementMonitor(
-                params=self._selected_params,
-                num_pairs=config.entanglement_pairs,
+            # The callback drives the monitor from the Trainer's events; this trainer observes, with exact (d_w, d_l).
+            callback = EntanglementCallback(
+                self,
                 every=config.entanglement_steps,
-                output_dir=config.output_dir,
-                accelerator=self.accelerator,
-                seed=config.seed,
+                pairs=config.entanglement_pairs,
+                params=config.entanglement_params,
+                observe=False,
                 margin_loss=config.margin_loss,
             )
-            self.add_callback(EntanglementCallback(self._monitor, self._metrics["train"]))
+            self._monitor = callback.monitor
+            self._entanglement_callback = callback
+            self.add_callback(callback)
 
     @contextmanager
     def _reference_logps_from_batch(self):
@@ -281,7 +271,7 @@ class MarginPreferenceTrainer(DPOTrainer):
         if self.args.margin_loss == "trl":
             result = super()._compute_loss(model, inputs, return_outputs)
             if diagnose:
-                self._monitor.observe(unwrapped, inputs, step)
+                self._monitor.observe(unwrapped, inputs, step, loss_scale=None)
             return result
 
         reference = self._reference_logps(inputs)
@@ -344,6 +334,6 @@ class MarginPreferenceTrainer(DPOTrainer):
                 d_chosen=terms.d_chosen,
                 d_rejected=terms.d_rejected,
                 pair_weight=terms.pair_weight if self.args.normalize_pair_gradients else None,
-                geometry=geometry,
+                loss_scale=self._entanglement_callback.loss_scale(chosen_logps.size(0)),
             )
         return (loss, result[1]) if return_outputs else loss

@@ -10,26 +10,38 @@ One module per job:
 - `gradients`: per-pair g_w, g_l over the selected parameters and their geometry (inner product, squared norms);
 - `prediction`: (d_w, d_l) of the update, the first-order predicted Δlog π and regime, and the comparison with the
   measured change;
+- `update`: the real optimizer step Δθ projected on g_w, g_l (the update-based prediction g·Δθ) and split into the
+  pair's own contribution, the other pairs of the batch, momentum and weight decay;
 - `records`: the `entanglement.jsonl` file (append, read, restart on resume);
 - `report`: the `entanglement/*` metrics and the plot of a run;
-- `monitor`: `EntanglementMonitor` and `EntanglementCallback`, which run the above around each diagnosed step.
+- `monitor`: `EntanglementMonitor`, which runs the above around each diagnosed step;
+- `callback`: `EntanglementCallback`, which drives the monitor from the Trainer's events, on any TRL `DPOTrainer`
+  (`trainer.add_callback(EntanglementCallback(trainer))`) or inside `MarginPreferenceTrainer`.
 
 The diagnostics never change the update: gradients are taken with `torch.autograd.grad` (nothing is accumulated into
 `.grad`, so DDP's reducer and the optimizer never see them), on the unwrapped module, under a forked RNG, and the
 pair sampling uses its own seeded generator.
 """
 
+from align.diagnostics.entanglement.callback import EntanglementCallback, check_supported
 from align.diagnostics.entanglement.gradients import (
     PairGeometry,
     isolated_rng,
     pair_geometry,
+    pair_gradients,
     pair_logps,
     response_row,
     select_parameters,
     sequence_logp,
 )
-from align.diagnostics.entanglement.monitor import EntanglementCallback, EntanglementMonitor
-from align.diagnostics.entanglement.prediction import REGIMES, first_order_prediction, regime, update_coefficients
+from align.diagnostics.entanglement.monitor import EntanglementMonitor
+from align.diagnostics.entanglement.prediction import (
+    REGIMES,
+    SIGN_RESOLUTION_NATS,
+    first_order_prediction,
+    regime,
+    update_coefficients,
+)
 from align.diagnostics.entanglement.records import ENTANGLEMENT_FILE, append_records, read_records
 from align.diagnostics.entanglement.report import plot_entanglement, summarize
 
@@ -39,11 +51,14 @@ __all__ = [
     "REGIMES",
     "EntanglementCallback",
     "EntanglementMonitor",
+    "SIGN_RESOLUTION_NATS",
     "PairGeometry",
     "append_records",
+    "check_supported",
     "first_order_prediction",
     "isolated_rng",
     "pair_geometry",
+    "pair_gradients",
     "pair_logps",
     "plot_entanglement",
     "read_records",

@@ -95,8 +95,19 @@ def pair_geometry(
 
     Cost per pair: two forwards and two backwards of one sequence.
     """
+    return pair_gradients(model, inputs, pairs, params, keep=False)[0]
+
+
+def pair_gradients(
+    model: torch.nn.Module, inputs: dict, pairs: Iterable[int], params: list[torch.nn.Parameter], keep: bool = True
+) -> tuple[PairGeometry, list[tuple[list[torch.Tensor], list[torch.Tensor]]]]:
+    """`pair_geometry` and, with `keep`, the gradients themselves: (g_w, g_l) per pair, one tensor per parameter.
+
+    The diagnostic keeps them until the optimizer has stepped, to project the real update Δθ on them (`update`).
+    """
     num_pairs = inputs["input_ids"].size(0) // 2
     values = {name: [] for name in PairGeometry.__dataclass_fields__}
+    kept = []
     for pair in pairs:
         logp_w = sequence_logp(model, *response_row(inputs, pair))
         grads_w = _flat_grads(logp_w, params)
@@ -107,5 +118,7 @@ def pair_geometry(
         values["inner"].append(_dot(grads_w, grads_l))
         values["chosen_norm_sq"].append(_dot(grads_w, grads_w))
         values["rejected_norm_sq"].append(_dot(grads_l, grads_l))
+        if keep:
+            kept.append(([g.detach().float() for g in grads_w], [g.detach().float() for g in grads_l]))
         del grads_w, grads_l
-    return PairGeometry(**{name: torch.stack(v).cpu() for name, v in values.items()})
+    return PairGeometry(**{name: torch.stack(v).cpu() for name, v in values.items()}), kept

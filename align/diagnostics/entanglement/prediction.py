@@ -37,9 +37,17 @@ def regime(predicted_chosen: float, predicted_rejected: float) -> str:
     return "inverted"
 
 
-def sign_correct(predicted: float, measured: float) -> bool | None:
-    """Whether the predicted Δlog π has the measured sign; None where nothing was predicted."""
-    if predicted == 0:  # no gradient on this response (e.g. an inactive hinge)
+# A measured |Δlog π| below this is not resolved, and its sign is not scored. The measurement is the difference of two
+# float32 sequence log-probs (sums of up to a few hundred per-token terms of magnitude ≲ 10, each rounded to ~1e-6
+# relative); 1e-4 nats is above that rounding by an order of magnitude. Under bf16 autocast the forwards round at
+# ~4e-3 relative and small changes are not resolved at all: diagnose in float32 to score the signs.
+SIGN_RESOLUTION_NATS = 1e-4
+
+
+def sign_correct(predicted: float | None, measured: float) -> bool | None:
+    """Whether the predicted Δlog π has the measured sign; None where nothing was predicted (no gradient on the
+    response, e.g. an inactive hinge) or the measured change is below `SIGN_RESOLUTION_NATS`."""
+    if predicted is None or predicted == 0 or abs(measured) < SIGN_RESOLUTION_NATS:
         return None
     return (predicted > 0) == (measured > 0)
 
@@ -114,3 +122,20 @@ def measurement(
         "sign_correct_chosen": sign_correct(prediction["pred_delta_chosen"], delta_w),
         "sign_correct_rejected": sign_correct(prediction["pred_delta_rejected"], delta_l),
     }
+
+
+UPDATE_PARTS = ("own", "other_pairs", "momentum", "weight_decay")
+
+
+def update_measurement(updates, record: dict, decomposition: str | None, clip_scale: float | None) -> dict:
+    """The update-based prediction g·Δθ of one pair and its parts (`update.decompose`), scored against the measured
+    change in `record`. `updates` is (chosen, rejected) `PairUpdate`, or None when the step was not observed."""
+    fields: dict = {"update_decomposition": decomposition, "clip_scale": clip_scale}
+    for side, index in (("chosen", 0), ("rejected", 1)):
+        update = None if updates is None else updates[index]
+        predicted = None if update is None else update.predicted
+        fields[f"predicted_update_{side}"] = predicted
+        for part in UPDATE_PARTS:
+            fields[f"update_{part}_{side}"] = None if update is None else getattr(update, part)
+        fields[f"update_sign_correct_{side}"] = sign_correct(predicted, record[f"delta_{side}"])
+    return fields

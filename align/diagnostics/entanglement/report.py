@@ -36,6 +36,12 @@ def summarize(records: list[dict]) -> dict[str, float]:
             [float(r["sign_correct_rejected"]) for r in records if r["sign_correct_rejected"] is not None]
         ),
     }
+    for side in ("", "_chosen", "_rejected"):
+        sides = ("chosen", "rejected") if not side else (side[1:],)
+        scored = [r.get(f"update_sign_correct_{s}") for r in records for s in sides]
+        metrics[f"entanglement/update_sign_accuracy{side}"] = _mean([float(c) for c in scored if c is not None])
+    for part in ("own", "other_pairs", "momentum", "weight_decay"):
+        metrics[f"entanglement/update_{part}_chosen"] = _mean([r.get(f"update_{part}_chosen") for r in records])
     if active:
         for name in ("ideal", "both_up", "both_down"):
             metrics[f"entanglement/frac_{name}"] = sum(r["regime"] == name for r in active) / len(active)
