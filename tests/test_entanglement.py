@@ -186,6 +186,13 @@ def _record(step, regime_name, delta_w, delta_l, correct_w=True, correct_l=True,
     }
 
 
+def test_sign_is_not_scored_below_the_resolution():
+    from align.diagnostics.entanglement.prediction import SIGN_RESOLUTION_NATS, sign_correct
+
+    assert sign_correct(0.5, 0.1) is True and sign_correct(-0.5, 0.1) is False
+    assert sign_correct(0.5, SIGN_RESOLUTION_NATS / 2) is None and sign_correct(None, 0.1) is None
+
+
 def test_summarize_counts_regimes_and_accuracy():
     records = [
         _record(1, "ideal", 0.1, -0.1),
@@ -238,12 +245,19 @@ def test_diagnose_command_writes_a_plot(tmp_path, capsys):
     path = tmp_path / "run" / "entanglement.jsonl"
     path.parent.mkdir()
     records = [_record(s, r, 0.1 * s, -0.1, ratio=0.9 + 0.05 * s) for s in (1, 3, 5) for r in ("ideal", "both_down")]
+    for record in records[2:]:  # the update-based prediction and its split (records of runs before it lack them)
+        for side, value in (("chosen", 0.1), ("rejected", -0.1)):
+            record[f"predicted_update_{side}"] = value
+            record[f"update_sign_correct_{side}"] = True
+            for part, share in (("own", 0.6), ("other_pairs", -0.2), ("momentum", 0.5), ("weight_decay", 0.1)):
+                record[f"update_{part}_{side}"] = share * value
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
     assert diagnose(["entanglement", str(path)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     png = tmp_path / "run" / "entanglement.png"
     assert summary["plot"] == str(png) and summary["records"] == 6 and summary["steps"] == 3
     assert summary["frac_entangled"] == 0.5
+    assert summary["update_sign_accuracy"] == 1.0 and summary["update_own_chosen"] == pytest.approx(0.06)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     out = tmp_path / "custom.png"
     assert diagnose(["entanglement", str(path), "--output", str(out)]) == 0 and out.exists()

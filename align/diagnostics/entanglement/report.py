@@ -52,7 +52,8 @@ def summarize(records: list[dict]) -> dict[str, float]:
 
 
 def plot_entanglement(records: list[dict], output: str) -> str:
-    """Four panels: chosen/rejected log-prob trajectories, condition ratio, regime fractions, prediction accuracy."""
+    """Six panels: chosen/rejected log-prob trajectories, condition ratio, regime fractions, the sign accuracy of both
+    predictions, measured against update-predicted Δlog π, and where the chosen log-prob's change came from."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,7 +73,7 @@ def plot_entanglement(records: list[dict], output: str) -> str:
     def mean_of(field: str) -> list[float]:
         return [_mean([r[field] for r in by_step[s]]) for s in steps]
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8))
     ax = axes[0][0]
     # Each step diagnoses different pairs, so their absolute log-probs are not comparable across steps; the running
     # sum of the per-step mean measured change is the trajectory the sampled pairs trace.
@@ -103,18 +104,61 @@ def plot_entanglement(records: list[dict], output: str) -> str:
     ax.legend()
 
     ax = axes[1][1]
-    ax.plot(steps, series("entanglement/sign_accuracy_chosen"), marker="o", label="chosen")
-    ax.plot(steps, series("entanglement/sign_accuracy_rejected"), marker="o", label="rejected")
+    ax.plot(steps, series("entanglement/sign_accuracy_chosen"), marker="o", label="pairwise (paper), chosen")
+    ax.plot(steps, series("entanglement/sign_accuracy_rejected"), marker="o", label="pairwise (paper), rejected")
+    ax.plot(steps, series("entanglement/update_sign_accuracy_chosen"), marker="s", label="g·Δθ, chosen")
+    ax.plot(steps, series("entanglement/update_sign_accuracy_rejected"), marker="s", label="g·Δθ, rejected")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Sign of Δlog π: predicted (first order) vs measured")
     ax.set_xlabel("optimizer step")
-    ax.legend()
+    ax.legend(fontsize=8)
+
+    ax = axes[0][2]
+    for side, marker in (("chosen", "o"), ("rejected", "x")):
+        scored = [r for r in records if r.get(f"predicted_update_{side}") is not None]
+        ax.scatter(
+            [r[f"predicted_update_{side}"] for r in scored],
+            [r[f"delta_{side}"] for r in scored],
+            s=14,
+            marker=marker,
+            alpha=0.6,
+            label=side,
+        )
+    limits = [r.get(f"predicted_update_{s}") for r in records for s in ("chosen", "rejected")]
+    limits = [abs(v) for v in limits if v is not None] + [
+        abs(r[f"delta_{s}"]) for r in records for s in ("chosen", "rejected")
+    ]
+    bound = max(limits) if limits else 1.0
+    ax.plot([-bound, bound], [-bound, bound], color="gray", linestyle="--", linewidth=0.8, label="y = x")
+    ax.axhline(0.0, color="gray", linewidth=0.5)
+    ax.axvline(0.0, color="gray", linewidth=0.5)
+    ax.set_title("Measured Δlog π vs predicted from the real update g·Δθ")
+    ax.set_xlabel("g·Δθ (nats)")
+    ax.set_ylabel("measured Δlog π (nats)")
+    ax.legend(fontsize=8)
+
+    ax = axes[1][2]
+    # Where the chosen log-prob's change came from: the update's parts, mean over the step's diagnosed pairs.
+    parts = (("own", "own pair"), ("other_pairs", "other pairs"), ("momentum", "momentum"), ("weight_decay", "decay"))
+    positive, negative = [0.0] * len(steps), [0.0] * len(steps)
+    for part, label in parts:
+        values = [_mean([r.get(f"update_{part}_chosen") for r in by_step[s]]) or 0.0 for s in steps]
+        bottoms = [p if v >= 0 else n for v, p, n in zip(values, positive, negative, strict=True)]
+        ax.bar(steps, values, bottom=bottoms, label=label, alpha=0.8)
+        positive = [p + max(v, 0.0) for v, p in zip(values, positive, strict=True)]
+        negative = [n + min(v, 0.0) for v, n in zip(values, negative, strict=True)]
+    ax.plot(steps, mean_of("delta_chosen"), color="black", marker="o", label="measured")
+    ax.axhline(0.0, color="gray", linewidth=0.8)
+    ax.set_title("Chosen Δlog π by source (first order, mean over pairs)")
+    ax.set_xlabel("optimizer step")
+    ax.legend(fontsize=8)
 
     overall = summarize(records)
     fig.suptitle(
         f"Gradient entanglement ({len(records)} pair measurements, {len(steps)} steps): "
         f"entangled {overall.get('entanglement/frac_entangled', math.nan):.0%}, "
-        f"sign accuracy {overall.get('entanglement/sign_accuracy', math.nan):.0%}"
+        f"sign accuracy: pairwise {overall.get('entanglement/sign_accuracy', math.nan):.0%}, "
+        f"from the update {overall.get('entanglement/update_sign_accuracy', math.nan):.0%}"
     )
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
