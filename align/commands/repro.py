@@ -21,6 +21,12 @@ benchmark, with paired-bootstrap intervals (`--quick`: a few minutes).
 `align repro prime` is the PRIME proving ground (`align.experiments.prime`): PRIME against outcome-only RLOO (the
 same trainer without process rewards) and GRPO from the PRM proving ground's warm-up (`--start` reuses one), same
 prompts and sample budget, held-out pass@1/pass@8 with paired-bootstrap intervals and training-reward curves.
+
+`align repro margin` is the margin proving ground (`align.experiments.margin`): DPO, DPO with pairwise normalized
+gradients and SimPO LoRA runs of SmolLM2 on the same 128 synthetic pairs (32 steps, float32, entanglement
+diagnostics on), the change of every pair's chosen and rejected log-prob against the start on the training and 64
+held-out pairs, with bootstrap and paired-bootstrap intervals, verdicts on "the normalized update keeps chosen
+log-probs from falling without losing the margin", the diagnostics' sign agreement and CHES correlations.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ from align.demo import DIRECT_ANSWER_INSTRUCTION
 HELP = (
     "Reproduce a paper's effect at CPU scale: `align repro dco` (cross-entropy vs DCO over epochs), `align repro "
     "pass-k` (every pass@k objective against GRPO), `align repro prm` (an on-policy implicit PRM: best-of-N vs "
-    "majority vote, step-error F1), `align repro prime` (PRIME vs outcome-only RLOO and GRPO)."
+    "majority vote, step-error F1), `align repro prime` (PRIME vs outcome-only RLOO and GRPO), `align repro "
+    "margin` (DPO vs pairwise normalized DPO vs SimPO: does the chosen log-prob still fall?)."
 )
 
 
@@ -45,7 +52,7 @@ def main(argv: list[str]) -> int:
         prog="align repro", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "experiment", choices=["dco", "pass-k", "prm", "prime"], help="Which paper effect to reproduce."
+        "experiment", choices=["dco", "pass-k", "prm", "prime", "margin"], help="Which paper effect to reproduce."
     )
     parser.add_argument("--output-dir", "--output_dir", help="Default: runs/repro-<experiment>.")
     parser.add_argument("--model", default="smollm2-135m-instruct")
@@ -92,6 +99,8 @@ def main(argv: list[str]) -> int:
         return _prm(parser, args)
     if args.experiment == "prime":
         return _prime(parser, args)
+    if args.experiment == "margin":
+        return _margin(parser, args)
     return _dco(parser, args)
 
 
@@ -194,4 +203,25 @@ def _prime(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir or ("runs/repro-prime-quick" if args.quick else "runs/repro-prime"))
     start = Path(args.start) if args.start else None
     prime.run_prime_repro(output_dir, size, args.model, seeds=seeds, start=start)
+    return 0
+
+
+def _margin(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from align.experiments import margin
+
+    unused = ("epochs", "pass_ns", "n", "tune_lr", "learning_rate", "objectives", "steps")
+    if any(getattr(args, name) is not None for name in unused):
+        parser.error(
+            "--epochs, --pass-n, --n, --tune-lr, --learning-rate, --objectives and --steps are not options of `align "
+            "repro margin` (its steps are one epoch of --num-train pairs, 4 per step)"
+        )
+    if args.seeds is not None and any(seed < 0 for seed in args.seeds):
+        parser.error(f"--seeds: got {args.seeds}; training seeds are integers >= 0")
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds is not None else [0] if args.quick else [0, 1]
+    size = margin.QUICK if args.quick else margin.MarginReproSize()
+    overrides = _size_overrides(parser, args, ("num_train", "num_test", "levels"))
+    if "levels" in overrides:
+        overrides["levels"] = tuple(dict.fromkeys(overrides["levels"]))
+    output_dir = Path(args.output_dir or ("runs/repro-margin-quick" if args.quick else "runs/repro-margin"))
+    margin.run_margin_repro(output_dir, replace(size, **overrides), args.model, seeds=seeds)
     return 0
