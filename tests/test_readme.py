@@ -64,6 +64,7 @@ def tiny(command: str, tiny_model_dir: str) -> list[str]:
         "data outcome": [*sampling, "--k", "2"],
         "diagnose attention": ["--limit", "2", "--max-length", "64"],
         "diagnose entanglement": [],
+        "diagnose pairs": ["--limit", "2"],
         "diagnose steps": [],
         "eval-steps": ["--synthetic", "4", "--num-calibration", "4"],
     }

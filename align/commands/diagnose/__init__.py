@@ -3,7 +3,10 @@
 from align.cli import dispatch
 
 
-HELP = "Reports and plots: entanglement (margin losses), steps (PRM step rewards), attention (entropy heatmaps)."
+HELP = (
+    "Reports and plots: entanglement (margin losses), pairs (CHES of preference pairs, before training), steps (PRM "
+    "step rewards), attention (entropy heatmaps)."
+)
 
 
 def main(argv: list[str]) -> int:
