@@ -429,7 +429,9 @@ def test_a_registered_backend_is_a_backend_choice(monkeypatch, tmp_path):
 
     monkeypatch.setattr(backends, "BACKEND_REGISTRY", dict(backends.BACKEND_REGISTRY))  # restored after the test
     backends.register_backend(EchoBackend)
-    assert backends.backend_names() == ("auto", "hf", "vllm", "echo") and resolve_backend_name("echo") == "echo"
+    assert (
+        backends.backend_names() == ("auto", "hf", "vllm", "openai", "echo") and resolve_backend_name("echo") == "echo"
+    )
     config = EvalConfig(backend="echo", backend_kwargs="shout=yes", output_dir=str(tmp_path))
     backend = get_backend(config.backend, "m", dtype="float32", batch_size=3, **config.backend_kwargs)
     (row,) = backend.generate(["p"], SamplingConfig(n=1))

@@ -1,12 +1,14 @@
 """`align eval`: pass@k / maj@k (and bon@k with an implicit PRM) of a model on MATH-style problems.
 
     align eval --model M --dataset math500 --n 16 --temperature 0.6 --top-p 0.95 --max-new-tokens 1024 \\
-        --output-dir runs/x [--limit 50] [--backend auto|hf|vllm] [--seed 0]
+        --output-dir runs/x [--limit 50] [--backend auto|hf|vllm|openai] [--seed 0]
     align eval --config eval/math500.yaml --model runs/dco --output-dir runs/dco-eval
     align eval --samples runs/x/samples.jsonl [--prm runs/prm]      # re-grade / re-score, no generation
     align eval --model runs/dco --dataset synthetic --limit 256 --exact-coverage --temperature 1 --top-p 1 \\
         --prompt-instruction "Give only the final answer, as \\boxed{ANSWER}." --output-dir runs/x  # no sampling
     align eval --config eval/math500.yaml --backend vllm --backend_kwargs tensor_parallel_size=2,max_model_len=4096
+    align eval --config eval/synthetic.yaml --model smollm2-135m-instruct --backend openai \\
+        --base-url http://127.0.0.1:8000/v1 --served-model smollm2 --output-dir runs/x  # a `vllm serve` server
     accelerate launch --multi_gpu --num_processes 8 -m align.cli eval --config eval/math500.yaml ...
 
 Writes samples.jsonl, summary.json and passk.png into the output directory (with --exact-coverage also

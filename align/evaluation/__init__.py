@@ -1,8 +1,10 @@
 """The pass@N evaluation harness (`align eval`), one job per module.
 
 - `config`: `EvalConfig` / `SamplingRunArguments`, the options of `align eval` and `align data`;
-- `generation`: what a backend is given and returns; `hf_backend`, `vllm_backend`: the two engines;
-  `backends`: the registry by name, `auto`, and the engines' options; `sampling`: per-sequence seeded sampling;
+- `generation`: what a backend is given and returns; `hf_backend`, `vllm_backend`: the in-process engines;
+  `openai_backend` (`openai_client`: HTTP, retries, errors): an OpenAI-compatible server; `sampling_params`: the
+  request fields vLLM and servers share; `backends`: the registry by name, `auto`, and the engines' options;
+  `sampling`: per-sequence seeded sampling;
 - `sample_and_grade`: problems -> graded records in one process; `grouping`: verdicts and answer groups;
 - `runs`: run directories, resumable and sharded over processes; `scoring`: implicit-PRM scores, or scores read
   from a samples file (`--score-field`);

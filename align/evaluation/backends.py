@@ -1,9 +1,10 @@
-"""Generation backends by name: a registry (`hf`, `vllm`, and any registered later), `auto`, and engine options.
+"""Generation backends by name: a registry (`hf`, `vllm`, `openai`, any registered later), `auto`, engine options.
 
 `get_backend("auto", model)` picks vLLM when it is importable and a GPU is present, else transformers. Models are
 anything `align.models.load_model_and_tokenizer` accepts: an alias (`smollm2-135m-instruct`), a local directory,
-a Hub id, or a PEFT adapter directory. A new backend is a `GenerationBackend` subclass with a `name`, made
-available with `register_backend(cls)`; `--backend NAME` then builds it.
+a Hub id, or a PEFT adapter directory (`openai` loads only its tokenizer and samples from a server). A new backend
+is a `GenerationBackend` subclass with a `name`, made available with `register_backend(cls)`; `--backend NAME`
+then builds it.
 
 Each backend declares the engine options it accepts (`GenerationBackend.options`: name -> (type, help)). They are
 passed as `--backend_kwargs key=value,key=value` or a YAML mapping (`backend_kwargs:` in an eval config); a name
@@ -15,10 +16,13 @@ from __future__ import annotations
 from align.errors import InputError
 from align.evaluation.generation import GenerationBackend
 from align.evaluation.hf_backend import HFBackend
+from align.evaluation.openai_backend import OpenAIBackend
 from align.evaluation.vllm_backend import VLLMBackend
 
 
-BACKEND_REGISTRY: dict[str, type[GenerationBackend]] = {HFBackend.name: HFBackend, VLLMBackend.name: VLLMBackend}
+BACKEND_REGISTRY: dict[str, type[GenerationBackend]] = {
+    backend.name: backend for backend in (HFBackend, VLLMBackend, OpenAIBackend)
+}
 
 
 def register_backend(cls: type[GenerationBackend]) -> type[GenerationBackend]:

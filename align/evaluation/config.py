@@ -19,6 +19,7 @@ from align.evaluation.backends import (
 from align.evaluation.batching import parse_batch_size
 from align.evaluation.exact_coverage import DEFAULT_FORMAT
 from align.evaluation.generation import SamplingConfig
+from align.evaluation.openai_backend import OpenAIBackend, ServerArguments
 from align.grading import GradingArguments
 from align.losses.implicit_reward import AGGREGATES
 from align.models import DEFAULT_MODEL
@@ -30,11 +31,12 @@ def _backend_options_help() -> str:
 
 
 @dataclass
-class SamplingRunArguments(GradingArguments):
+class SamplingRunArguments(ServerArguments, GradingArguments):
     """What to sample from (model, problems, prompt) and how (sampling, backend, grading).
 
     The grading options (`grader_workers`, `grading_timeout`) come from `align.grading.GradingArguments`, shared
-    with the online trainers.
+    with the online trainers; `--base-url`, `--served-model`, `--api-key-env` (`--backend openai`) from
+    `align.evaluation.openai_backend.ServerArguments`, which folds them into `backend_kwargs`.
     """
 
     model: str = field(
@@ -93,7 +95,8 @@ class SamplingRunArguments(GradingArguments):
     batch_size: str = field(
         default="auto",
         metadata={
-            "help": "hf: sequences per generate call; vllm: prompts handed over per call. `auto` (hf): the largest "
+            "help": "hf: sequences per generate call; vllm, openai: prompts handed over per call (`auto`: 64; "
+            "openai: at least 2 x max_concurrency). `auto` (hf): the largest "
             "batch whose KV cache fits a quarter of free memory, capped at 64 on a CPU and 256 on a GPU "
             "(align.evaluation.batching); the value used is logged and stored in summary.json's `engine`."
         },
@@ -116,7 +119,8 @@ class SamplingRunArguments(GradingArguments):
     def __post_init__(self):
         if self.backend not in backend_names():
             raise ValueError(f"backend must be one of {backend_names()}, got {self.backend!r}")
-        self.backend_kwargs = check_backend_options(self.backend, parse_backend_kwargs(self.backend_kwargs))
+        options = self.with_server_options(self.backend, parse_backend_kwargs(self.backend_kwargs))
+        self.backend_kwargs = check_backend_options(self.backend, options)
         if self.prompt_style not in PROMPT_STYLES:
             raise ValueError(f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}")
         if self.row_format not in ROW_FORMATS:
@@ -137,7 +141,7 @@ class SamplingRunArguments(GradingArguments):
 
     def identity(self, n: int, backend: str) -> dict:
         """What makes stored samples reusable: a resumed run must agree on all of it."""
-        return {
+        identity = {
             "model": self.model,
             "dataset": self.dataset,
             "dataset_config": self.dataset_config,
@@ -153,6 +157,9 @@ class SamplingRunArguments(GradingArguments):
             "prompt_style": self.prompt_style,
             "prompt_instruction": self.prompt_instruction,
         }
+        if backend == OpenAIBackend.name:  # --model is only the tokenizer there: the samples are the served model's
+            identity["served_model"] = self.backend_kwargs.get("served_model")
+        return identity
 
 
 @dataclass

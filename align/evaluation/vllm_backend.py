@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from align.evaluation.generation import Completion, GenerationBackend, SamplingConfig, encode_prompt
-from align.evaluation.sampling import sequence_seed
+from align.evaluation.sampling_params import sampling_fields
 
 
 def vllm_available() -> bool:
@@ -78,16 +78,8 @@ class VLLMBackend(GenerationBackend):
     def generate(self, prompts: list[str], sampling: SamplingConfig) -> list[list[Completion]]:
         from vllm import SamplingParams
 
-        params = [
-            SamplingParams(
-                n=sampling.n,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
-                max_tokens=sampling.max_new_tokens,
-                seed=sequence_seed(sampling.seed, prompt, 0) % (2**31),
-            )
-            for prompt in prompts
-        ]
+        # the fields the `openai` backend sends too (sampling_params.py): both engines sample alike
+        params = [SamplingParams(**sampling_fields(sampling, prompt)) for prompt in prompts]
         # token ids, not text: vLLM would add a second BOS to a chat-templated prompt; this way both backends see
         # exactly the same tokens
         token_prompts = [{"prompt_token_ids": encode_prompt(self.tokenizer, prompt)} for prompt in prompts]
