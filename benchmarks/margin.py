@@ -8,8 +8,10 @@ its own trainer, timed interleaved with the others (`benchmarks.common.interleav
 - `margin_dpo`: our trainer, `margin_loss: dpo`, diagnostics off (target: <= 1.03x the baseline);
 - `margin_dpo_diagnostics`: plus `entanglement_steps: 10, entanglement_pairs: 4` over the LoRA weights, i.e. one
   diagnosed step per 10 (target: amortized <= 1.3x);
-- `margin_dpo_normalized`: `normalize_pair_gradients: true` (reported, no target: one extra forward and backward
-  per sequence, expected about 2x).
+- `margin_dpo_normalized`: `normalize_pair_gradients: true`, which under LoRA takes the one-backward path (per-sequence
+  gradients from the policy forward and one backward, `align.per_sample_grads`; target: <= 1.3x);
+- `margin_dpo_normalized_per_sequence`: the same update by its exact fallback path, one extra forward and backward
+  per sequence (`fast_normalized_update = False`; reported, no target).
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ def _trainers(model_path: str, output_root: str) -> dict:
             MarginPreferenceConfig,
             {"margin_loss": "dpo", "normalize_pair_gradients": True},
         ),
+        "margin_dpo_normalized_per_sequence": (
+            MarginPreferenceTrainer,
+            MarginPreferenceConfig,
+            {"margin_loss": "dpo", "normalize_pair_gradients": True},
+        ),
     }
     trainers = {}
     for name, (trainer_cls, config_cls, extra) in variants.items():
@@ -72,6 +79,7 @@ def _trainers(model_path: str, output_root: str) -> dict:
         )
         # Keep stdout to the one JSON line of the result (the Trainer prints every log dict otherwise).
         trainers[name].remove_callback(PrinterCallback)
+    trainers["margin_dpo_normalized_per_sequence"].fast_normalized_update = False
     return trainers
 
 
@@ -95,6 +103,9 @@ def main(repeats: int = 2) -> dict:
         for trainer in trainers.values():
             _warm_up(trainer)
         timings = interleaved({name: t.train for name, t in trainers.items()}, repeats=repeats, warmup=0)
+        paths = {
+            name: t.normalized_update_path for name, t in trainers.items() if name.startswith("margin_dpo_normalized")
+        }
     base = timings["trl_dpo"]["median_s"]
     ratios = {name: ratio(t["median_s"], base) for name, t in timings.items() if name != "trl_dpo"}
     return emit(
@@ -106,11 +117,13 @@ def main(repeats: int = 2) -> dict:
         repeats=repeats,
         median_run_s={name: t["median_s"] for name, t in timings.items()},
         ratio_vs_trl_dpo=ratios,
-        targets={"margin_dpo": 1.03, "margin_dpo_diagnostics": 1.3},
+        targets={"margin_dpo": 1.03, "margin_dpo_diagnostics": 1.3, "margin_dpo_normalized": 1.3},
         meets_targets={
             "margin_dpo": ratios["margin_dpo"] <= 1.03,
             "margin_dpo_diagnostics": ratios["margin_dpo_diagnostics"] <= 1.3,
+            "margin_dpo_normalized": ratios["margin_dpo_normalized"] <= 1.3,
         },
+        normalized_update_path=paths,
         peak_rss_mib={name: t["peak_rss_mib"] for name, t in timings.items()},
         runs_s={name: t["times_s"] for name, t in timings.items()},
         note="one train() of steps_per_run optimizer steps per run; diagnostics: 1 diagnosed step per 10 (4 pairs)",

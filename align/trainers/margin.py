@@ -22,9 +22,10 @@ Reference-free losses (SimPO, CPO) skip the reference forward: the batch carries
 
 from __future__ import annotations
 
+import logging
 import re
 import textwrap
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +47,13 @@ from align.losses.margin import (
     margin_loss,
     normalized_pair_surrogate,
 )
+from align.per_sample_grads import LinearGradTape
+from align.trainers.margin_normalized import one_backward_blocker, one_backward_normalized_loss
 
 
 MARGIN_LOSS_CHOICES = (*MARGIN_LOSSES, "trl")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -180,15 +185,19 @@ class MarginPreferenceConfig(DPOConfig):
 
 
 class _PolicyForwardRecorder:
-    """Calls the policy model and keeps the output of its first fused-LM-head forward (see the module docstring)."""
+    """Calls the policy model and keeps the output of its first fused-LM-head forward (see the module docstring);
+    with a `tape` (`align.per_sample_grads.LinearGradTape`) that forward's linear layers are recorded too."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, tape: LinearGradTape | None = None):
         self.model = model
+        self.tape = tape
         self.outputs = None
 
     def __call__(self, *args, **kwargs):
-        outputs = self.model(*args, **kwargs)
-        if kwargs.get("fused_lm_head") and self.outputs is None:
+        first = kwargs.get("fused_lm_head") and self.outputs is None
+        with self.tape if first and self.tape is not None else nullcontext():
+            outputs = self.model(*args, **kwargs)
+        if first:
             self.outputs = outputs
         return outputs
 
@@ -262,6 +271,20 @@ class MarginPreferenceTrainer(DPOTrainer):
         reference = self.ref_model if self.ref_model is not None else self.model
         return self.compute_ref_log_probs(reference, inputs)
 
+    # False: always take the exact per-sequence path of normalize_pair_gradients (the tests compare the two paths).
+    fast_normalized_update = True
+    # The path the last normalized update took: "one_backward" or "per_sequence" (None before the first).
+    normalized_update_path: str | None = None
+
+    def _normalized_update_tape(self, unwrapped: torch.nn.Module) -> LinearGradTape | None:
+        """A tape for the one-backward normalized update, or None where only the per-sequence path applies."""
+        reason = one_backward_blocker(self, unwrapped) if self.fast_normalized_update else "switched off"
+        path = "per_sequence" if reason else "one_backward"
+        if path != self.normalized_update_path:
+            logger.info("normalize_pair_gradients: %s path%s", path, f" ({reason})" if reason else "")
+        self.normalized_update_path = path
+        return None if reason else LinearGradTape(unwrapped, self._selected_params)
+
     def _compute_loss(self, model, inputs, return_outputs):
         training = self.model.training
         step = self.state.global_step
@@ -280,7 +303,8 @@ class MarginPreferenceTrainer(DPOTrainer):
             trl_inputs = {**inputs, "ref_chosen_logps": zeros, "ref_rejected_logps": zeros}
         else:
             trl_inputs = {**inputs, "ref_chosen_logps": reference[0], "ref_rejected_logps": reference[1]}
-        policy = _PolicyForwardRecorder(model)
+        tape = self._normalized_update_tape(unwrapped) if self.args.normalize_pair_gradients and training else None
+        policy = _PolicyForwardRecorder(model, tape)
         with self._reference_logps_from_batch():
             result = super()._compute_loss(policy, trl_inputs, return_outputs)
         if policy.outputs is None:
@@ -306,7 +330,10 @@ class MarginPreferenceTrainer(DPOTrainer):
         loss = terms.loss.mean()
 
         geometry = None
-        if self.args.normalize_pair_gradients and training:
+        if tape is not None:
+            # One backward: the monitor, if due, takes its own per-pair geometry.
+            loss = one_backward_normalized_loss(loss, tape, chosen_logps, rejected_logps, terms.pair_weight)
+        elif self.args.normalize_pair_gradients and training:
             # Exact per-pair gradient norms over the selected parameters (one forward/backward per sequence), then a
             # surrogate with the same value as the loss whose gradient is Σ c(g_w/‖g_w‖ − g_l/‖g_l‖)/B.
             num_pairs = chosen_logps.size(0)
