@@ -96,7 +96,8 @@ def test_ches_equals_the_sums_of_hidden_states_by_hand(tiny, which, style):
     assert torch.allclose(ches, expected, rtol=0, atol=1e-5 * float(scale.max()))
     lengths = torch.tensor([len(r["chosen_ids"]) for r in tokenized], dtype=torch.float64)
     assert torch.allclose(ln_ches, expected_ln, rtol=0, atol=1e-5 * float((scale / lengths**2).max()))
-    assert ches.abs().min() > 1e-3 * scale.min()  # not trivially zero: the pairs differ
+    # Not trivially zero: the pairs differ (a single pair's CHES may legitimately be close to 0).
+    assert ches.abs().max() > 1e-3 * scale.min()
 
 
 def test_identical_responses_have_zero_ches(tiny):

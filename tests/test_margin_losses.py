@@ -329,7 +329,7 @@ def test_normalized_update_never_lowers_chosen_or_raises_rejected(g_w, g_l, c):
     pred_w, pred_l = first_order_deltas(d_w, d_l, inner, nw, nl)
     assert pred_w >= -1e-12 and pred_l <= 1e-12
     if nw > 0 and nl > 0:  # the closed form c‖g‖(1 − cos)
-        cos = inner / (nw * nl).sqrt()
+        cos = inner / (nw.sqrt() * nl.sqrt())  # not sqrt(nw·nl): that product underflows for norms ~1e-89
         assert pred_w.item() == pytest.approx((c * nw.sqrt() * (1 - cos)).item(), abs=1e-9)
 
 
