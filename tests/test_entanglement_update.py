@@ -156,7 +156,7 @@ def test_callback_refuses_what_it_cannot_diagnose(tiny_model_dir, pairs, cpu_arg
         EntanglementCallback(margin)
 
     class KTOTrainer:
-        pass
+        """Stands in for trl.KTOTrainer: the refusal reads only the class name."""
 
     from align.diagnostics.entanglement.callback import trl_margin_loss
 

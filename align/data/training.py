@@ -142,16 +142,16 @@ def is_trainer_format(columns: Iterable[str], kind: str) -> bool:
     return any(required <= set(columns) for required in _TRAINER_FORMAT_COLUMNS[kind])
 
 
-def _is_blank(value) -> bool:
+def is_blank(value) -> bool:
     """No text to train on: None, a whitespace-only string, or messages (or content parts) that are all blank."""
     if value is None:
         return True
     if isinstance(value, str):
         return not value.strip()
     if isinstance(value, dict):
-        return _is_blank(value.get("content", value.get("text")))
+        return is_blank(value.get("content", value.get("text")))
     if isinstance(value, list):
-        return all(_is_blank(item) for item in value)
+        return all(is_blank(item) for item in value)
     return False
 
 
@@ -168,7 +168,7 @@ def preference_pair_error(row: dict) -> tuple[str, object, str] | None:
         value = row.get(field)  # a file's missing value reads as None
         if value is not None and not isinstance(value, (str, list)):
             return field, value, f"expected a string or a list of messages, got {type(value).__name__}"
-        if _is_blank(value):
+        if is_blank(value):
             return field, value, "is empty, so the pair has nothing to prefer"
     chosen, rejected = row["chosen"], row["rejected"]
     if chosen == rejected:

@@ -50,6 +50,7 @@ from types import SimpleNamespace
 import torch
 
 from align.data.schema import InvalidRowError
+from align.data.training import is_blank
 from align.errors import InputError
 from align.log_probs import is_peft_model
 
@@ -159,16 +160,6 @@ def _last_hidden_states(model, input_ids, attention_mask, length: int) -> torch.
 # Rows, tokenization and scoring of a dataset
 
 
-def _is_blank(value) -> bool:
-    if isinstance(value, str):
-        return not value.strip()
-    if isinstance(value, dict):
-        return _is_blank(value.get("content", value.get("text")))
-    if isinstance(value, list):
-        return all(_is_blank(item) for item in value)
-    return value is None
-
-
 def pair_row_error(row, conversational: bool | None = None) -> tuple[str, object, str] | None:
     """(field, value, reason) of what keeps a prompt/chosen/rejected row from being scored, or None.
 
@@ -183,7 +174,7 @@ def pair_row_error(row, conversational: bool | None = None) -> tuple[str, object
             return field, value, "is missing"
         if not isinstance(value, (str, list)):
             return field, value, f"expected a string or a list of messages, got {type(value).__name__}"
-        if _is_blank(value):
+        if is_blank(value):
             what = "a prompt" if field == "prompt" else "a response"
             return field, value, f"is empty, so there is no {what} to score"
     kinds = {field: isinstance(row[field], list) for field in PAIR_FIELDS}
