@@ -9,6 +9,7 @@ parameters are actually identical; a mismatch stops the run with an error that s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
@@ -181,6 +182,18 @@ class DistributedSanityCallback(TrainerCallback):
 
             with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
                 fingerprint = parameter_fingerprint(model)
+        elif accelerator.state.distributed_type.value == "FSDP":
+            import torch
+
+            # FSDP2 parameters are DTensors holding one shard each: fingerprint the full tensors. full_tensor() is an
+            # all-gather, so every rank calls it for the same parameters in the same (module) order.
+            fingerprint = torch.zeros(2, dtype=torch.float64)
+            with torch.no_grad():
+                for param in model.parameters():
+                    if param.requires_grad:
+                        full = param.full_tensor() if hasattr(param, "full_tensor") else param
+                        data = full.detach().to(torch.float64).cpu()
+                        fingerprint += torch.stack([data.sum(), (data * data).sum()])
         else:
             fingerprint = parameter_fingerprint(model)
         gathered = accelerator.gather(fingerprint.to(accelerator.device).unsqueeze(0)).cpu().tolist()
@@ -209,3 +222,79 @@ class DistributedSanityCallback(TrainerCallback):
                 f"After the first optimizer step the ranks' parameters differ (relative spread {spread / scale:.2e}): "
                 "gradients are not being synchronized. Check the launcher and the `use_cpu`/`ddp_backend` settings."
             )
+
+
+def describe_node() -> str | None:
+    """One line on what this node's launcher started (logged by each node's local rank 0), from torchrun's
+    environment; None outside torchrun. On several machines it shows at a glance that every launcher started the
+    processes it should (`--num-processes` counts the processes of ALL machines)."""
+    if "LOCAL_WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return None
+    local, local_rank = int(os.environ["LOCAL_WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0"))
+    first = int(os.environ["RANK"]) - local_rank
+    return (
+        f"node {os.environ.get('GROUP_RANK', '?')} of {os.environ.get('GROUP_WORLD_SIZE', '?')}: {local} "
+        f"process(es) here, global ranks {first}-{first + local - 1} of {os.environ.get('WORLD_SIZE', '?')}"
+    )
+
+
+# What a collective or the rendezvous store raises when a peer process is gone: gloo's TCP transport ("Read error
+# ...: Connection reset by peer" when the peer's sockets close, "Timed out waiting ...ms" when it vanishes without
+# closing them), NCCL (DistBackendError), the TCPStore (DistNetworkError / DistStoreError).
+_LOST_RANK_MARKERS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Connection refused",
+    "Broken pipe",
+    "Socket closed",
+    "Timed out waiting",
+    "gloo/transport",
+)
+
+
+def is_lost_rank_error(error: BaseException) -> bool:
+    """True if `error`, in a multi-process run, means that another rank stopped answering."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not isinstance(error, RuntimeError):
+        return False
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    return any(marker in str(error) for marker in _LOST_RANK_MARKERS)
+
+
+def lost_rank_message(error: BaseException) -> str:
+    """The one line a surviving rank prints: what it saw (gloo's first line, without its source location) and
+    what to do."""
+    import re
+
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    reason = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", reason).split(". This is typically")[0]
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    return (
+        f"align train: rank {rank} of {world} lost contact with another rank ({reason}): a node died or the network "
+        "dropped; rerun the same command on every node to resume from the last checkpoint"
+    )
+
+
+@contextlib.contextmanager
+def exit_on_lost_rank():
+    """Turn a dead peer's error into one line on stderr and exit status 1, instead of a 40-line traceback that ends
+    in gloo's "GLHF". Any other error (and this one under `--debug` / ALIGN_DEBUG=1) propagates unchanged.
+
+    A peer whose processes die has its sockets closed by the kernel, so the survivors' next collective fails at once
+    (Connection reset by peer). A peer that vanishes without closing them (power loss, a network partition) is
+    noticed only when the collective times out: `ddp_timeout` in the recipe (seconds, default 1800) on GPU; with
+    `use_cpu` transformers does not pass it on and gloo's default of 30 minutes applies. A peer lost before the
+    process group is formed (during argument parsing, where TrainingArguments starts it) is not caught here."""
+    try:
+        yield
+    except RuntimeError as error:
+        # align.cli's --debug / ALIGN_DEBUG switch, read here (importing align.cli would be an import cycle)
+        debug = os.environ.get("ALIGN_DEBUG", "").strip().lower() in {"1", "true", "yes", "on"}
+        if debug or not is_lost_rank_error(error):
+            raise
+        sys.stdout.flush()
+        print(f"\n{lost_rank_message(error)}", file=sys.stderr, flush=True)  # \n: after a progress bar's \r
+        # The process group is broken: tearing it down at interpreter exit can block on the dead peer, or abort.
+        os._exit(1)

@@ -155,12 +155,22 @@ def resume_checkpoint(training_args) -> str | None:
 
 
 def run(method_name: str, data_args, training_args, model_args):
-    """Build everything from parsed configs, train (resuming if possible), save; returns the trainer."""
+    """Build everything from parsed configs, train (resuming if possible), save; returns the trainer.
+
+    In a multi-process run, a rank that loses contact with another (a node died, the network dropped) prints one
+    line saying so and exits with status 1 (`align.distributed.exit_on_lost_rank`)."""
+    from align.distributed import exit_on_lost_rank
+
+    with exit_on_lost_rank():
+        return _run(method_name, data_args, training_args, model_args)
+
+
+def _run(method_name: str, data_args, training_args, model_args):
     from trl import get_peft_config
 
     from align.checkpoints import with_atomic_checkpoints
     from align.data.training import build_datasets
-    from align.distributed import DistributedSanityCallback
+    from align.distributed import DistributedSanityCallback, describe_node
     from align.models import load_tokenizer, resolve_model_path
 
     method = METHODS[method_name]
@@ -180,6 +190,8 @@ def run(method_name: str, data_args, training_args, model_args):
         peft_config=get_peft_config(model_args),
     )
     trainer.add_callback(DistributedSanityCallback(trainer))
+    if os.environ.get("LOCAL_RANK", "0") == "0" and (node := describe_node()):
+        logger.warning(node)  # one line per launcher: on several machines, shows what each one started
     if data_args.coverage_eval_steps:  # exact coverage / sampled pass@k on held-out problems, logged as eval_*
         from align.evaluation.callback import callback_from_arguments
 
@@ -215,9 +227,18 @@ def launch_command(
 ) -> tuple[list[str], dict[str, str]]:
     """The command (and its environment) that runs `align train <method> <rank_argv>` under `accelerate launch`
     with a named config (like `trl sft --accelerate_config`); `launch_options` are `distributed.launch_command`'s."""
-    from align.distributed import EXPECTED_PROCESSES_ENV
+    from align.distributed import EXPECTED_PROCESSES_ENV, _from_env
     from align.distributed import launch_command as accelerate_command
+    from align.errors import InputError
 
+    machines = int(launch_options.get("num_machines") or _from_env("num_machines") or 1)
+    processes = launch_options.get("num_processes")
+    if machines > 1 and processes is not None and int(processes) % machines:
+        # accelerate would start num_processes // num_machines per machine (0 when fewer processes than machines)
+        raise InputError(
+            f"--num-processes {processes} is not a multiple of --num-machines {machines}: --num-processes counts "
+            f"the processes of ALL machines (e.g. {machines} machines x 8 GPUs: --num-processes {machines * 8})"
+        )
     command = accelerate_command(
         accelerate_config, ["train", method_name, *rank_argv(accelerate_config, argv)], **launch_options
     )

@@ -5,14 +5,15 @@ batch 4 (same global batch, same seed) to 1e-5 (1e-6 relative for DCO's large lo
 identical parameters (gathered under ZeRO-3; `ALIGN_VERIFY_SYNC=1` makes the run write them to sync_check.json).
 """
 
+import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -95,6 +96,20 @@ def launch(config: str, recipe: Path, method: str, *extra: str, timeout: int = 3
     return proc
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. A process-group kill is not enough: torchrun starts its workers in
+    sessions of their own, so they would survive their launcher and go on training."""
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(processes, timeout=10)
+
+
 def assert_ranks_identical(output_dir: Path) -> None:
     check = json.loads((output_dir / "sync_check.json").read_text())
     assert check["world_size"] == 2
@@ -170,8 +185,8 @@ def test_zero3_checkpoint_saves_full_model_that_reloads(tiny_model_dir, tmp_path
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
-    """kill -9 a 2-process run after a checkpoint; rerunning the same command resumes and ends where an
-    uninterrupted run ends."""
+    """kill -9 a 2-process run (launcher and workers) after a checkpoint; rerunning the same command resumes and
+    ends where an uninterrupted run ends."""
     fields = {"max_steps": 30, "save_strategy": "steps", "save_steps": 2, "synthetic_num_train": 128}
     reference = tmp_path / "reference"
     recipe = write_recipe(tmp_path / "reference.yaml", tiny_model_dir, reference, fields)
@@ -205,9 +220,11 @@ def test_resume_after_kill_matches_uninterrupted_run(tiny_model_dir, tmp_path):
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.time() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    kill_tree(proc.pid)  # the launcher and both workers, as a node's crash would
     proc.wait()
     assert not (interrupted / "model.safetensors").exists(), "the kill came too late to test resuming"
+    state = json.loads((interrupted / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] < fields["max_steps"]
 
     launch("cpu_ddp", recipe, "sft")  # same command: resumes from the last checkpoint
     final, expected = load_file(interrupted / "model.safetensors"), load_file(reference / "model.safetensors")
