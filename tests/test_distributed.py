@@ -34,6 +34,15 @@ CASES = {
     "implicit_prm": ("prm", {"objective": "ce", "beta": 0.5}),
     "sft_entropy": ("sft", {"attention_entropy_coef": 0.1, "attention_entropy_log_steps": 0}),
 }
+# The LoRA cases' recipe fields (every launcher's LoRA test trains these adapters).
+LORA_FIELDS = {
+    "use_peft": True,
+    "lora_r": 4,
+    "lora_alpha": 8,
+    "lora_dropout": 0.0,
+    "lora_target_modules": "all-linear",
+    "learning_rate": 1.0e-2,
+}
 # The entanglement diagnostics need unsharded parameters, so under ZeRO-3 the margin run trains without them.
 ZERO3_WITHOUT = {"margin_dpo": ("entanglement_steps", "entanglement_pairs")}
 
@@ -150,14 +159,7 @@ def test_two_processes_match_one(case, config, tiny_model_dir, tmp_path, single_
 
 @pytest.mark.parametrize("config", ["cpu_ddp", "cpu_zero2"])
 def test_lora_two_processes(config, tiny_model_dir, tmp_path, single_process_losses):
-    lora = {
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_modules": "all-linear",
-        "learning_rate": 1.0e-2,
-    }
+    lora = LORA_FIELDS
     single = tmp_path / "single"
     recipe = write_recipe(tmp_path / "single.yaml", tiny_model_dir, single, {**lora, "per_device_train_batch_size": 4})
     assert align_main(["train", "sft", "--config", str(recipe)]) == 0

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_distributed import CASES, STEPS, losses, write_recipe
+from test_distributed import CASES, LORA_FIELDS, STEPS, losses, write_recipe
 
 from align.cli import main as align_main
 
@@ -155,14 +155,7 @@ def test_fsdp2_two_processes_match_one(case, tiny_model_dir, tmp_path, single_pr
 
 def test_fsdp2_lora_two_processes_match_one(tiny_model_dir, tmp_path):
     """LoRA under FSDP2: the adapters are sharded DTensors too, and the saved adapter is the 1-process one."""
-    lora = {
-        "use_peft": True,
-        "lora_r": 4,
-        "lora_alpha": 8,
-        "lora_dropout": 0.0,
-        "lora_target_modules": "all-linear",
-        "learning_rate": 1.0e-2,
-    }
+    lora = LORA_FIELDS
     single = tmp_path / "single"
     recipe = write_recipe(tmp_path / "single.yaml", tiny_model_dir, single, {**lora, "per_device_train_batch_size": 4})
     assert align_main(["train", "sft", "--config", str(recipe)]) == 0
@@ -186,7 +179,7 @@ def test_fsdp2_prime_two_processes_match_one(tiny_model_dir, tmp_path):
     Every logged metric matches the 1-process run; the PRM is identical on both ranks and equal to the 1-process
     one; the policy's per-rank [sum, abs-sum, sum of squares] are of its local shards (the script reads parameters
     as they are), which add up to the full tensor's, equal to the 1-process policy's."""
-    from test_prime_distributed import SCRIPT, fingerprints, run_prime, step_logs
+    from test_prime_distributed import SCRIPT, assert_steps_match, fingerprints, run_prime
 
     reference = run_prime(tiny_model_dir, tmp_path / "single", "all_groups")
     run = tmp_path / "run"
@@ -198,12 +191,7 @@ def test_fsdp2_prime_two_processes_match_one(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "distributed: type=FSDP world_size=2" in proc.stderr
 
-    expected, got = step_logs(reference), step_logs(run)
-    assert len(got) == STEPS
-    for step, (want, have) in enumerate(zip(expected, got, strict=True), start=1):
-        assert sorted(have) == sorted(want), f"step {step}: logged metrics differ"
-        for name, value in want.items():
-            assert have[name] == pytest.approx(value, abs=1e-5), f"step {step}: {name}"
+    assert_steps_match(reference, run)
     assert_ranks_identical(run)
     ranks, alone = fingerprints(run), fingerprints(reference)[0]
     assert len(ranks) == 2

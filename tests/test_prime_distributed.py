@@ -104,6 +104,16 @@ def single_process(tiny_model_dir, tmp_path_factory):
     return get
 
 
+def assert_steps_match(reference: Path, run: Path) -> None:
+    """Every logged metric of every step of `run` equals the reference run's to 1e-5."""
+    expected, got = step_logs(reference), step_logs(run)
+    assert len(got) == STEPS
+    for step, (want, have) in enumerate(zip(expected, got, strict=True), start=1):
+        assert sorted(have) == sorted(want), f"step {step}: logged metrics differ"
+        for name, value in want.items():
+            assert have[name] == pytest.approx(value, abs=1e-5), f"step {step}: {name}"
+
+
 @pytest.mark.parametrize(
     ("config", "variant"),
     [
@@ -117,12 +127,7 @@ def test_two_processes_match_one(config, variant, tiny_model_dir, tmp_path, sing
     reference = single_process(variant)
     out = run_prime(tiny_model_dir, tmp_path / "run", variant, config)
 
-    expected, got = step_logs(reference), step_logs(out)
-    assert len(got) == STEPS
-    for step, (want, have) in enumerate(zip(expected, got, strict=True), start=1):
-        assert sorted(have) == sorted(want), f"step {step}: logged metrics differ"
-        for name, value in want.items():
-            assert have[name] == pytest.approx(value, abs=1e-5), f"step {step}: {name}"
+    assert_steps_match(reference, out)
 
     # Every rank ends with the same policy (align's own check, and per tensor) and the same PRM.
     sync = json.loads((out / "sync_check.json").read_text())

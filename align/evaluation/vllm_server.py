@@ -12,6 +12,7 @@ dies before parsing its arguments. The module takes the same arguments as `vllm 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -167,11 +168,10 @@ def vllm_server(
 def _stop(process: subprocess.Popen, grace_s: float = 30.0) -> None:
     if process.poll() is not None:
         return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):  # the group can be gone by the time we signal it
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
